@@ -1,0 +1,544 @@
+"""
+T6 (Tensor Product Attention) and its baselines in one file.
+
+"Tensor Product Attention Is All You Need" (arXiv 2501.06425). One LLaMA-style trunk, one
+registry of attention mechanisms:
+
+    attn = "mha" | "mqa" | "gqa"   GQA, one class driven by n_kv_head (MHA: n_kv_head = n_head,
+                                   MQA: n_kv_head = 1)
+    attn = "mla"                   DeepSeek-V2 multi-head latent attention
+    attn = "tpa"                   T6: contextual factorisation of Q, K and V (paper Sec. 3)
+    attn = "tpa_kvonly"            standard query projection, factorised K and V (App. G)
+
+Trunk (spec 1.9): pre-norm blocks, weightless RMSNorm (eps = dtype epsilon), SwiGLU MLP with hidden
+floor(8d/3), no biases, RoPE (base 10000, fp32 tables built once), tied embeddings, vocab 50304,
+zero-initialised output projections of attention and MLP.
+
+TPA options (spec 1.5), all flags of the one TPA class: constant (non-contextual) A or B factors,
+K/V sharing the B factor, third-order factors (RoPE on the b factor only), and two options for every
+mechanism: a per-head sigmoid output gate and KV shifting (a learned per-head mix of the current and
+previous token's rotated K and V).
+
+Shape legend: B batch, T tokens, C = n_embd, H heads, D head dim (q/k), E value head dim,
+R rank (R_Q, R_K, R_V), M cache length.
+"""
+
+import difflib
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+# -----------------------------------------------------------------------------
+# configuration
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    block_size: int = 1024  # maximum sequence length (size of the RoPE tables)
+    n_layer: int = 12
+    n_embd: int = 768
+    n_head: int = 12
+    head_dim: int = 64  # D; for MLA the non-RoPE part of the q/k head
+    attn: str = "tpa"  # a key of ATTENTION
+    rope_base: float = 10000.0
+    # GQA family: number of key/value heads (0 = implied: n_head for mha, 1 for mqa)
+    n_kv_head: int = 0
+    # TPA ranks (spec 1.2); q_rank is unused by tpa_kvonly
+    q_rank: int = 6
+    k_rank: int = 2
+    v_rank: int = 2
+    # TPA factor init (spec 1.8): "official" = the released code's 3-D-view Xavier (used for the
+    # paper's runs, so the paper-reproduction configs use it); "xavier" = true 2-D Xavier per matrix
+    tpa_init: str = "official"
+    # TPA variants (spec 1.5)
+    tpa_const_a: bool = False  # non-contextual A: learned constant head factors
+    tpa_const_b: bool = False  # non-contextual B: learned constant feature factors
+    tpa_shared_b: bool = False  # K and V share the (unrotated) B factor; needs k_rank == v_rank
+    tpa_order: int = 2  # 3 = third-order TPA: b (tpa_db, rotated) x c (tpa_dc), tpa_db*tpa_dc = head_dim
+    tpa_db: int = 16
+    tpa_dc: int = 4
+    # MLA (DeepSeek-V2); 0 q_lora_rank = uncompressed queries
+    q_lora_rank: int = 512
+    kv_lora_rank: int = 256
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    # options for every mechanism
+    attn_gate: bool = False  # y_h <- sigmoid(w_h . x) * y_h before the output projection
+    kv_shift: bool = False  # k_t <- a_h k_t + (1 - a_h) k_{t-1} (rotated keys), same for v
+
+    def __post_init__(self):
+        def bad(msg):
+            raise ValueError(f"GPTConfig: {msg}")
+
+        if self.attn not in ATTENTION:
+            close = difflib.get_close_matches(self.attn, list(ATTENTION), n=3)
+            bad(f"unknown attn={self.attn!r}; choose one of {sorted(ATTENTION)}"
+                + (f" (did you mean {close[0]!r}?)" if close else ""))
+        for k in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "head_dim"):
+            if getattr(self, k) < 1:
+                bad(f"{k}={getattr(self, k)} must be >= 1")
+        if self.head_dim % 2:
+            bad(f"head_dim={self.head_dim} is odd, but RoPE rotates pairs of features; use an even head_dim")
+        if self.attn in ("mha", "mqa"):
+            implied = self.n_head if self.attn == "mha" else 1
+            if self.n_kv_head not in (0, implied):
+                bad(f"attn={self.attn!r} means n_kv_head={implied}, got n_kv_head={self.n_kv_head}; "
+                    f"use attn='gqa' for another number of KV heads")
+            self.n_kv_head = implied
+        if self.attn == "gqa":
+            if self.n_kv_head < 1:
+                bad(f"attn='gqa' needs n_kv_head >= 1 (got {self.n_kv_head})")
+            if self.n_head % self.n_kv_head:
+                bad(f"n_head={self.n_head} is not divisible by n_kv_head={self.n_kv_head}; "
+                    f"pick n_kv_head among {[g for g in range(1, self.n_head + 1) if self.n_head % g == 0]}")
+        if self.attn == "mla":
+            if self.kv_lora_rank < 1 or self.q_lora_rank < 0 or self.v_head_dim < 1:
+                bad(f"MLA needs kv_lora_rank >= 1, q_lora_rank >= 0 and v_head_dim >= 1 (got "
+                    f"{self.kv_lora_rank}, {self.q_lora_rank}, {self.v_head_dim})")
+            if self.qk_rope_head_dim < 2 or self.qk_rope_head_dim % 2:
+                bad(f"qk_rope_head_dim={self.qk_rope_head_dim} must be even and >= 2 (RoPE rotates pairs)")
+        tpa_opts = [k for k in ("tpa_const_a", "tpa_const_b", "tpa_shared_b") if getattr(self, k)]
+        if self.tpa_order != 2:
+            tpa_opts.append("tpa_order")
+        if self.attn.startswith("tpa"):
+            ranks = ("k_rank", "v_rank") + (("q_rank",) if self.attn == "tpa" else ())
+            for k in ranks:
+                if getattr(self, k) < 1:
+                    bad(f"{k}={getattr(self, k)} must be >= 1 for attn={self.attn!r}")
+            if self.tpa_init not in ("official", "xavier"):
+                bad(f"tpa_init={self.tpa_init!r}; choose 'official' or 'xavier'")
+            if self.tpa_order not in (2, 3):
+                bad(f"tpa_order={self.tpa_order}; TPA is implemented for order 2 and 3")
+            if len(tpa_opts) > 1:
+                bad(f"{' and '.join(tpa_opts)} cannot be combined; choose one TPA variant")
+            if self.tpa_shared_b and self.k_rank != self.v_rank:
+                bad(f"tpa_shared_b needs k_rank == v_rank (got {self.k_rank} and {self.v_rank})")
+            if self.tpa_order == 3:
+                if self.tpa_db * self.tpa_dc != self.head_dim:
+                    bad(f"third-order TPA needs tpa_db * tpa_dc == head_dim, got {self.tpa_db} * "
+                        f"{self.tpa_dc} != {self.head_dim}")
+                if self.tpa_db < 2 or self.tpa_db % 2:
+                    bad(f"tpa_db={self.tpa_db} must be even (RoPE rotates the b factor)")
+        elif tpa_opts:
+            bad(f"{', '.join(tpa_opts)} only apply to attn='tpa' or 'tpa_kvonly' (attn={self.attn!r})")
+
+
+# Paper sizes (spec 2.1, Table 10): head counts are chosen per mechanism so that every variant has
+# (nearly) the parameters of MHA. MLA uses the 512/256 latents that the released code actually ran
+# (spec 0.1, 2.4); the Table-10 latents are one override away (--q_lora_rank=1024 --kv_lora_rank=512).
+# "tiny" is for CPU tests and quick starts. Every key can be overridden.
+SIZES = {
+    "tiny": dict(n_layer=2, n_embd=64, head_dim=16, block_size=256, q_lora_rank=32, kv_lora_rank=16,
+                 qk_rope_head_dim=8, v_head_dim=16, tpa_db=4, tpa_dc=4,
+                 heads=dict(mha=4, mqa=4, gqa=4, mla=4, tpa=4, tpa_kvonly=4)),
+    "small": dict(n_layer=12, n_embd=768, heads=dict(mha=12, mqa=23, gqa=22, mla=13, tpa_kvonly=22, tpa=34)),
+    "medium": dict(n_layer=24, n_embd=1024, heads=dict(mha=16, mqa=31, gqa=30, mla=23, tpa_kvonly=29, tpa=47)),
+    "large": dict(n_layer=36, n_embd=1280, heads=dict(mha=20, mqa=39, gqa=38, mla=34, tpa_kvonly=37, tpa=61)),
+    "xl": dict(n_layer=48, n_embd=1600, heads=dict(mha=25, mqa=49, gqa=48, mla=49, tpa_kvonly=47, tpa=78)),
+}
+GQA_KV_HEADS = 2  # App. H.1: the GQA baselines use 2 KV heads
+
+
+def model_config(size="small", attn="tpa", **overrides):
+    """GPTConfig for a row of SIZES and a mechanism; keyword overrides win (None means 'not set')."""
+    if size not in SIZES:
+        close = difflib.get_close_matches(size, list(SIZES), n=1)
+        raise ValueError(f"unknown size={size!r}; choose one of {list(SIZES)}"
+                         + (f" (did you mean {close[0]!r}?)" if close else ""))
+    row = {k: v for k, v in SIZES[size].items() if k != "heads"}
+    row["attn"] = attn
+    if attn in SIZES[size]["heads"]:
+        row["n_head"] = SIZES[size]["heads"][attn]
+    if attn == "gqa":
+        row["n_kv_head"] = GQA_KV_HEADS
+    row.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(GPTConfig)}
+    for k in row:
+        if k not in known:
+            close = difflib.get_close_matches(k, known, n=3)
+            raise ValueError(f"unknown model setting {k!r}" + (f"; did you mean {close}?" if close else ""))
+    return GPTConfig(**row)
+
+
+# -----------------------------------------------------------------------------
+# building blocks
+
+
+def rms_norm(x):
+    # weightless RMSNorm, eps = the dtype's machine epsilon (as in the official T6 code)
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rope_tables(dim, max_len, base, device=None):
+    """cos, sin of shape (max_len, dim/2) in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
+    freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
+    return freqs.cos(), freqs.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the last axis of x (B, T, *, dim) with cos/sin (B|1, T, 1, dim/2); half-split pairs, fp32 math."""
+    d = x.shape[-1] // 2
+    x1, x2 = x[..., :d].float(), x[..., d:].float()
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+
+
+class MLP(nn.Module):
+    """SwiGLU: silu(x W1) * (x W2) W3, hidden floor(8d/3); W1 and W2 fused in one matmul."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.hidden = int(8 * config.n_embd / 3)
+        self.c_fc = nn.Linear(config.n_embd, 2 * self.hidden, bias=False)
+        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=False)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).split(self.hidden, dim=-1)
+        return self.c_proj(F.silu(gate) * up)
+
+
+class Attention(nn.Module):
+    """What every mechanism shares: output projection, optional output gate and KV shift, SDPA call.
+
+    Interface of every mechanism:
+      forward(x, rope, cache=None) -> (B, T, C); x is the normalised input (B, T, C), rope maps a rotary
+        dimension to (cos, sin) of the positions of x, each (B|1, T, 1, dim/2); cache is a LayerCache
+        (see KVCache) or None for a plain causal pass.
+      kv_cache_elems_per_token() -> elements cached per token in this layer.
+      attn_flops_per_token(T) -> forward FLOPs per token that are not weight matmuls, averaged over a
+        causal sequence of length T.
+    """
+
+    def __init__(self, config, n_head, v_dim, n_kv_head=None):
+        super().__init__()
+        self.n_head, self.v_dim = n_head, v_dim
+        self.c_proj = nn.Linear(n_head * v_dim, config.n_embd, bias=False)
+        self.gate = nn.Linear(config.n_embd, n_head, bias=False) if config.attn_gate else None
+        # KV shift mixing logits for K and V, per KV head; sigmoid(3) = 0.95: starts near the unshifted model
+        self.shift = nn.Parameter(torch.full((2, n_kv_head or n_head), 3.0)) if config.kv_shift else None
+
+    def kv_shift(self, k, v):
+        """k, v: (B, T, H, *), rotated. Mix each token with the previous one (zeros before the first)."""
+        a = torch.sigmoid(self.shift).to(k.dtype)  # (2, H)
+        ak, av = a[0].view(1, 1, -1, 1), a[1].view(1, 1, -1, 1)
+        k = ak * k + (1 - ak) * F.pad(k, (0, 0, 0, 0, 1, 0))[:, :-1]
+        v = av * v + (1 - av) * F.pad(v, (0, 0, 0, 0, 1, 0))[:, :-1]
+        return k, v
+
+    def attend(self, q, k, v, scale=None):
+        """Causal SDPA. q (B, T, H, D), k (B, T, Hkv, D), v (B, T, Hkv, E) -> (B, T, H, E)."""
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                           is_causal=True, scale=scale, enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)
+
+    def output(self, y, x):
+        """y (B, T, H, E) -> (B, T, C), with the output gate computed from the attention input x."""
+        if self.gate is not None:
+            y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
+        return self.c_proj(y.flatten(2))
+
+    def attn_core_flops(self, T, d_qk, d_v):
+        # QK^T and PV, 2 FLOPs per multiply-add, each query attends to (T+1)/2 keys on average
+        return self.n_head * (d_qk + d_v) * (T + 1)
+
+
+class GQA(Attention):
+    """Grouped-query attention; MHA is n_kv_head = n_head, MQA is n_kv_head = 1.
+
+        n_kv_head = n_head (MHA)    n_kv_head = 2 (GQA)     n_kv_head = 1 (MQA)
+        q: |1|2|3|4|                |1|2|3|4|               |1|2|3|4|
+        k: |1|2|3|4|                | 1 | 2 |               |   1   |
+    """
+
+    def __init__(self, config):
+        super().__init__(config, config.n_head, config.head_dim, config.n_kv_head)
+        self.n_kv_head, self.head_dim = config.n_kv_head, config.head_dim
+        self.rope_dim = config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+
+    def forward(self, x, rope, cache=None):
+        B, T, _ = x.shape
+        H, G, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, G * D, G * D], dim=-1)
+        q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
+        cos, sin = rope[self.rope_dim]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.shift is not None:
+            k, v = self.kv_shift(k, v)
+        return self.output(self.attend(q, k, v), x)
+
+    def kv_cache_elems_per_token(self):
+        return 2 * self.n_kv_head * self.head_dim
+
+    def attn_flops_per_token(self, T):
+        return self.attn_core_flops(T, self.head_dim, self.head_dim)
+
+
+class MLA(Attention):
+    """Multi-head latent attention (DeepSeek-V2), with the official baseline's names and dims.
+
+    q = W_qb RMSNorm(W_qa x) (or W_q x if q_lora_rank = 0), split per head into q_nope (D) and q_pe (dR);
+    [c_kv, k_pe] = W_kva x; k_nope, v = W_kvb RMSNorm(c_kv) per head; k_pe is one RoPE key shared by all
+    heads. Softmax scale 1/sqrt(D + dR). The decode cache holds RMSNorm(c_kv) and the rotated k_pe.
+    """
+
+    def __init__(self, config):
+        super().__init__(config, config.n_head, config.v_head_dim)
+        C, H = config.n_embd, config.n_head
+        self.head_dim, self.rope_dim = config.head_dim, config.qk_rope_head_dim
+        self.kv_lora_rank, self.q_lora_rank = config.kv_lora_rank, config.q_lora_rank
+        qk_dim = config.head_dim + config.qk_rope_head_dim
+        if self.q_lora_rank > 0:
+            self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=False)
+            self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=1e-6)
+            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(C, H * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(C, self.kv_lora_rank + self.rope_dim, bias=False)
+        self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
+        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (config.head_dim + config.v_head_dim), bias=False)
+        self.scale = qk_dim ** -0.5
+
+    def project_q(self, x):
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
+        return q.view(*x.shape[:2], self.n_head, self.head_dim + self.rope_dim)  # (B, T, H, D + dR)
+
+    def forward(self, x, rope, cache=None):
+        B, T, _ = x.shape
+        H, D, dR = self.n_head, self.head_dim, self.rope_dim
+        cos, sin = rope[dR]
+        q_nope, q_pe = self.project_q(x).split([D, dR], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, dR], dim=-1)
+        k_pe = apply_rope(k_pe.view(B, T, 1, dR), cos, sin)  # (B, T, 1, dR), shared by the heads
+        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, D + self.v_dim)
+        k_nope, v = kv.split([D, self.v_dim], dim=-1)
+        q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)  # (B, T, H, D + dR)
+        k = torch.cat([k_nope, k_pe.expand(B, T, H, dR)], dim=-1)
+        if self.shift is not None:
+            k, v = self.kv_shift(k, v)
+        return self.output(self.attend(q, k, v, scale=self.scale), x)
+
+    def kv_cache_elems_per_token(self):
+        return self.kv_lora_rank + self.rope_dim
+
+    def attn_flops_per_token(self, T):
+        return self.attn_core_flops(T, self.head_dim + self.rope_dim, self.v_dim)
+
+
+class TPA(Attention):
+    """Tensor product attention (spec 1.2-1.5); attn='tpa_kvonly' keeps a standard query projection.
+
+    Per token, X in {Q, K, V}: X = (1/R_X) A_X^T B_X with head factors A_X (R_X, H) and feature factors
+    B_X (R_X, D), both linear maps of x. All factor projections of a layer are one fused matmul. RoPE
+    rotates the B factors of Q and K (Theorem 3.1), so the cache holds rotated B_K. Layouts follow the
+    cache and the FlashTPA kernel: A (B, T, H, R) head-major, B (B, T, R, D).
+
+    Variants: tpa_const_a / tpa_const_b replace A / B by learned constants (cache (R_K+R_V) D or
+    (R_K+R_V) H per token); tpa_shared_b uses K's unrotated B factor for V; tpa_order=3 writes
+    B = b (x) c with b in R^db (rotated by a db-dimensional RoPE) and c in R^dc (App. C, Theorem C.1).
+    """
+
+    def __init__(self, config):
+        H, D, C = config.n_head, config.head_dim, config.n_embd
+        super().__init__(config, H, D)
+        self.head_dim = D
+        self.factor_q = config.attn == "tpa"
+        self.const_a, self.const_b, self.shared_b = config.tpa_const_a, config.tpa_const_b, config.tpa_shared_b
+        self.fdims = (config.tpa_db, config.tpa_dc) if config.tpa_order == 3 else (D,)
+        self.rope_dim = self.fdims[0]
+        self.ranks = {"q": config.q_rank, "k": config.k_rank, "v": config.v_rank}
+        self.factored = "qkv" if self.factor_q else "kv"
+        # the fused projection: one (name, width, init bound) per output slice
+        official = config.tpa_init == "official"
+        xavier = lambda n_out: math.sqrt(6 / (C + n_out))
+        parts = [] if self.factor_q else [("q", H * D, xavier(H * D))]  # official c_q: 2-D Xavier
+        for n in self.factored:
+            R = self.ranks[n]
+            if not self.const_a:  # official: xavier_uniform_ on a (C, H, R) view of the weight
+                parts.append(("a" + n, H * R, math.sqrt(6 / (R * (H + C))) if official else xavier(H * R)))
+            if not self.const_b and not (self.shared_b and n == "v"):
+                for f, fd in zip("bc", self.fdims):  # official: the (C, R, f) view
+                    parts.append((f + n, R * fd, math.sqrt(6 / (fd * (R + C))) if official else xavier(R * fd)))
+        self.names = [p[0] for p in parts]
+        self.sizes = [p[1] for p in parts]
+        self.c_fact = nn.Linear(C, sum(self.sizes), bias=False)
+        with torch.no_grad():
+            for w, (_, _, bound) in zip(self.c_fact.weight.split(self.sizes, dim=0), parts):
+                w.uniform_(-bound, bound)
+        # constant factors, unit variance (spec 1.6 writes MHA/MQA/GQA as constant-A TPA)
+        if self.const_a:
+            self.a_const = nn.ParameterDict({n: nn.Parameter(torch.empty(H, self.ranks[n]).uniform_(-3 ** 0.5, 3 ** 0.5))
+                                             for n in self.factored})
+        if self.const_b:
+            self.b_const = nn.ParameterDict({n: nn.Parameter(torch.empty(self.ranks[n], D).uniform_(-3 ** 0.5, 3 ** 0.5))
+                                             for n in self.factored})
+
+    def factors(self, x, rope):
+        """x (B, T, C) -> (q or None, {n: (A (B|1, T|1, H, R), B (B|1, T|1, R, D))}), B_Q and B_K rotated."""
+        B, T, _ = x.shape
+        H = self.n_head
+        p = dict(zip(self.names, self.c_fact(x).split(self.sizes, dim=-1)))
+        cos, sin = rope[self.rope_dim]
+        q = None
+        if not self.factor_q:  # rotated as (H * D / rope_dim) blocks: the same rotation as B_K (third order too)
+            q = apply_rope(p["q"].view(B, T, -1, self.rope_dim), cos, sin).view(B, T, H, self.head_dim)
+        fac = {}
+        for n in self.factored:
+            R = self.ranks[n]
+            a = self.a_const[n].view(1, 1, H, R) if self.const_a else p["a" + n].view(B, T, H, R)
+            if self.const_b:
+                b = self.b_const[n].view(1, 1, R, self.head_dim)
+            else:
+                b = p["bk" if self.shared_b and n == "v" else "b" + n].view(B, T, R, self.fdims[0])
+            if n != "v":
+                b = apply_rope(b, cos, sin)
+            if len(self.fdims) == 2:  # third order: vec(b (x) c), b fastest: index = i_c * db + i_b
+                c = p["c" + n].view(B, T, R, self.fdims[1])
+                b = (c.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+            fac[n] = (a, b)
+        return q, fac
+
+    def materialize(self, a, b, n):
+        """(1/R) A^T B per token: (B, T, H, R) x (B, T, R, D) -> (B, T, H, D)."""
+        return torch.matmul(a, b) * (1.0 / self.ranks[n])
+
+    def forward(self, x, rope, cache=None):
+        q, fac = self.factors(x, rope)
+        B, T, _ = x.shape
+        if q is None:
+            q = self.materialize(*fac["q"], "q")
+        k = self.materialize(*fac["k"], "k").expand(B, T, -1, -1)
+        v = self.materialize(*fac["v"], "v").expand(B, T, -1, -1)
+        if self.shift is not None:
+            k, v = self.kv_shift(k, v)
+        return self.output(self.attend(q.expand(B, T, -1, -1), k, v), x)
+
+    def kv_cache_elems_per_token(self):
+        R = self.ranks["k"] + self.ranks["v"]
+        if self.const_a:
+            return R * self.head_dim
+        if self.const_b:
+            return R * self.n_head
+        if self.shared_b:
+            return R * self.n_head + self.ranks["k"] * self.head_dim
+        return R * (self.n_head + sum(self.fdims))
+
+    def attn_flops_per_token(self, T):
+        H = self.n_head
+        mat = 2 * H * self.head_dim * sum(self.ranks[n] for n in self.factored)  # A^T B products
+        if len(self.fdims) == 2:
+            mat += sum(self.ranks[n] for n in self.factored) * self.head_dim  # b (x) c
+        return mat + self.attn_core_flops(T, self.head_dim, self.head_dim)
+
+
+ATTENTION = {"mha": GQA, "mqa": GQA, "gqa": GQA, "mla": MLA, "tpa": TPA, "tpa_kvonly": TPA}
+
+
+# -----------------------------------------------------------------------------
+# the model
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.attn = ATTENTION[config.attn](config)
+        self.mlp = MLP(config)
+
+    def forward(self, x, rope, cache=None):
+        x = x + self.attn(rms_norm(x), rope, cache)
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # tied embeddings; the shared tensor keeps nn.Linear's U(+-1/sqrt(C)) init, as in the official code
+        self.transformer.wte.weight = self.lm_head.weight
+        for block in self.transformer.h:  # zero-init output projections (spec 1.8)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+        self.rope_dims = sorted({block.attn.rope_dim for block in self.transformer.h})
+        self._build_rope()
+
+    def _build_rope(self):
+        device = self.lm_head.weight.device
+        for dim in self.rope_dims:
+            cos, sin = rope_tables(dim, self.config.block_size, self.config.rope_base, device)
+            self.register_buffer(f"rope_cos_{dim}", cos, persistent=False)
+            self.register_buffer(f"rope_sin_{dim}", sin, persistent=False)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must not round the RoPE tables: rebuild them in fp32 after any cast
+        super()._apply(fn, recurse)
+        if getattr(self, f"rope_cos_{self.rope_dims[0]}").dtype != torch.float32:
+            self._build_rope()
+        return self
+
+    def rope(self, pos):
+        """pos (T,) or (B, T) int positions -> {dim: (cos, sin)}, each (B|1, T, 1, dim/2) fp32."""
+        if pos.dim() == 1:
+            pos = pos.unsqueeze(0)
+        out = {}
+        for dim in self.rope_dims:
+            cos, sin = getattr(self, f"rope_cos_{dim}"), getattr(self, f"rope_sin_{dim}")
+            out[dim] = (cos[pos].unsqueeze(2), sin[pos].unsqueeze(2))
+        return out
+
+    def forward(self, idx, targets=None, all_logits=False, pos=None, cache=None):
+        """idx (B, T) tokens -> (logits, loss).
+
+        With targets (B, T) (-1 = ignore): logits for every position and the mean cross-entropy.
+        Without: logits of the last position only (B, 1, V), or of every position with all_logits=True.
+        pos (T,) or (B, T) overrides the positions 0..T-1; cache is a KVCache (see generate).
+        """
+        B, T = idx.shape
+        if pos is None:
+            if T > self.config.block_size:
+                raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
+            pos = torch.arange(T, device=idx.device)
+        rope = self.rope(pos)
+        x = self.transformer.wte(idx)
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, rope, None if cache is None else cache.layer(i))
+        x = rms_norm(x)
+        if targets is not None:
+            logits = self.lm_head(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return logits, loss
+        logits = self.lm_head(x if all_logits else x[:, -1:, :])
+        return logits, None
+
+    # -- accounting -------------------------------------------------------------
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())  # the tied embedding counts once
+
+    def attn_params_per_layer(self):
+        return sum(p.numel() for p in self.transformer.h[0].attn.parameters())
+
+    def kv_cache_elems_per_token(self):
+        """Elements cached per token over all layers."""
+        return sum(block.attn.kv_cache_elems_per_token() for block in self.transformer.h)
+
+    def flops_per_token(self, T=None):
+        """Training FLOPs (forward + backward) per token at sequence length T (default block_size).
+
+        6 x the weights used in matmuls (every nn.Linear, lm_head included; the embedding lookup is not a
+        matmul) plus 3 x each layer's forward attention FLOPs (QK^T and PV over the causal half of the
+        T x T matrix, which flash kernels skip, and TPA's factor products).
+        """
+        T = T or self.config.block_size
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attn = sum(block.attn.attn_flops_per_token(T) for block in self.transformer.h)
+        return 6 * matmul + 3 * attn

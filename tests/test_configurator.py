@@ -1,0 +1,59 @@
+"""The strict configurator: unknown keys and wrong types are errors, in files and on the command line."""
+
+import pytest
+
+from configurator import configure
+
+DEFAULTS = dict(batch_size=12, learning_rate=6e-4, compile=True, out_dir="out", init_from="scratch",
+                wandb_run_name=None, _private=1, torch=object())
+
+
+def write(tmp_path, text, name="cfg.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = configure(DEFAULTS, [])
+    assert cfg == dict(batch_size=12, learning_rate=6e-4, compile=True, out_dir="out", init_from="scratch",
+                       wandb_run_name=None)
+    path = write(tmp_path, "import math\nbatch_size = 2 * 8\nlearning_rate = 1e-3\n_tmp = 3\n")
+    cfg = configure(DEFAULTS, [path, "--compile=False", "--out_dir=runs/a", "--learning_rate=1", "--batch_size=4"])
+    assert cfg["batch_size"] == 4 and cfg["compile"] is False and cfg["out_dir"] == "runs/a"
+    assert cfg["learning_rate"] == 1.0 and isinstance(cfg["learning_rate"], float)  # int is fine for a float key
+    assert configure(DEFAULTS, ["--out_dir=123"])["out_dir"] == "123"  # a str key stays a str
+    assert configure(DEFAULTS, ["--wandb_run_name=t6"])["wandb_run_name"] == "t6"
+    # a later file or flag wins
+    second = write(tmp_path, "batch_size = 7\n", "second.py")
+    assert configure(DEFAULTS, [path, second])["batch_size"] == 7
+
+
+def test_extra_keys_are_typed(tmp_path):
+    cfg = configure(DEFAULTS, ["--n_head=8"], extra={"n_head": int, "attn_gate": bool})
+    assert cfg["n_head"] == 8 and cfg["attn_gate"] is None
+    with pytest.raises(ValueError, match="n_head='eight' has type str, expected int"):
+        configure(DEFAULTS, ["--n_head=eight"], extra={"n_head": int})
+    with pytest.raises(ValueError, match="attn_gate=1 has type int, expected bool"):
+        configure(DEFAULTS, [write(tmp_path, "attn_gate = 1\n")], extra={"attn_gate": bool})
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--batchsize=4"], "unknown config key 'batchsize'.*did you mean 'batch_size'"),
+    (["--compile=1"], "compile=1 has type int, expected bool"),
+    (["--batch_size=4.5"], "batch_size=4.5 has type float, expected int"),
+    (["--batch_size"], "write overrides as --key=value"),
+    (["nonexistent.py"], "config file 'nonexistent.py' does not exist"),
+])
+def test_cli_errors(args, message):
+    with pytest.raises(ValueError, match=message):
+        configure(DEFAULTS, args)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ValueError, match="cfg.py: unknown config key 'learning_rte'.*did you mean 'learning_rate'"):
+        configure(DEFAULTS, [write(tmp_path, "learning_rte = 1e-3\n")])
+    with pytest.raises(ValueError, match="cfg.py: batch_size='16' has type str, expected int"):
+        configure(DEFAULTS, [write(tmp_path, "batch_size = '16'\n")])
+    with pytest.raises(ValueError, match="unknown config key 'q_lora_rank'"):  # the official repo's silent MLA bug
+        configure(DEFAULTS, [write(tmp_path, "q_lora_rank = 1024\n")])

@@ -1,0 +1,288 @@
+"""Model registry: every variant trains, is causal, has the paper's sizes, and equals its math."""
+
+import math
+
+import pytest
+import torch
+
+from model import ATTENTION, GPT, GPTConfig, TPA, GQA, apply_rope, model_config
+
+V = 256  # a small vocabulary keeps the tiny models fast
+
+TPA_OPTIONS = [dict(tpa_const_a=True), dict(tpa_const_b=True), dict(tpa_shared_b=True), dict(tpa_order=3),
+               dict(tpa_init="xavier")]
+COMMON_OPTIONS = [{}, dict(attn_gate=True), dict(kv_shift=True), dict(attn_gate=True, kv_shift=True)]
+VARIANTS = [(a, o) for a in ATTENTION for o in COMMON_OPTIONS]
+VARIANTS += [(a, o) for a in ("tpa", "tpa_kvonly") for o in TPA_OPTIONS]
+VARIANTS += [("tpa", dict(tpa_order=3, kv_shift=True, attn_gate=True)), ("mla", dict(q_lora_rank=0))]
+IDS = [a + "".join(f"-{k}={v}" for k, v in o.items()) for a, o in VARIANTS]
+
+
+def tiny(attn, **opts):
+    torch.manual_seed(0)
+    return GPT(model_config("tiny", attn, vocab_size=V, **opts))
+
+
+def randomize(model, std=0.2):
+    """Zero-init projections hide attention entirely at init: give every weight random values."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, std)
+    return model
+
+
+@pytest.mark.parametrize("attn,opts", VARIANTS, ids=IDS)
+def test_forward_backward(attn, opts):
+    model = tiny(attn, **opts)
+    idx = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (2, 24, V)
+    assert torch.isfinite(loss) and abs(loss.item() - math.log(V)) < 1.0, loss.item()
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # with random weights every parameter gets a non-zero gradient (nothing is dead code)
+    model.zero_grad()
+    randomize(model)
+    model(idx, targets)[1].backward()
+    for name, p in model.named_parameters():
+        assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
+
+
+@pytest.mark.parametrize("attn,opts", VARIANTS, ids=IDS)
+def test_causal(attn, opts):
+    model = randomize(tiny(attn, **opts))
+    idx = torch.randint(0, V, (2, 20), generator=torch.Generator().manual_seed(0))
+    logits, _ = model(idx, all_logits=True)
+    for t in (5, 19):
+        idx2 = idx.clone()
+        idx2[:, t] = (idx2[:, t] + 1) % V
+        logits2, _ = model(idx2, all_logits=True)
+        torch.testing.assert_close(logits2[:, :t], logits[:, :t], rtol=0, atol=1e-5)
+        assert (logits2[:, t] - logits[:, t]).abs().max() > 1e-4  # the changed token does matter
+
+
+def test_logits_shapes_and_block_size():
+    model = tiny("tpa")
+    idx = torch.randint(0, V, (3, 10))
+    assert model(idx)[0].shape == (3, 1, V)
+    assert model(idx, all_logits=True)[0].shape == (3, 10, V)
+    full = model(idx, all_logits=True)[0]
+    torch.testing.assert_close(model(idx)[0][:, 0], full[:, -1])
+    with pytest.raises(ValueError, match="block_size"):
+        model(torch.zeros(1, model.config.block_size + 1, dtype=torch.long))
+
+
+def test_rope_tables_stay_fp32():
+    model = tiny("mla").to(torch.bfloat16)
+    for dim in model.rope_dims:
+        cos = getattr(model, f"rope_cos_{dim}")
+        assert cos.dtype == torch.float32
+        torch.testing.assert_close(cos, torch.outer(torch.arange(256.0), 10000 ** (-torch.arange(0, dim, 2) / dim)).cos())
+    assert model.transformer.h[0].attn.c_proj.weight.dtype == torch.bfloat16
+
+
+# -- sizes (spec 2.3, 1.4) ---------------------------------------------------------------------------
+
+PARAMS_M = {  # spec 2.3 totals, millions
+    "small": dict(mha=123.57, mqa=123.57, gqa=123.57, mla=123.09, tpa_kvonly=124.38, tpa=124.34),
+    "medium": dict(mha=353.45, mqa=353.45, gqa=353.45, mla=353.86, tpa_kvonly=353.16, tpa=353.99),
+    "large": dict(mha=772.13, mqa=772.13, gqa=772.13, mla=773.63, tpa_kvonly=773.05, tpa=773.70),
+    "xl": dict(mha=1554.89, mqa=1554.89, gqa=1554.89, mla=1558.37, tpa_kvonly=1559.50, tpa=1555.81),
+}
+ATTN_M = {  # spec 2.3 attention parameters per layer, millions
+    "small": dict(mha=2.359, mla=2.319, tpa_kvonly=2.427, tpa=2.424),
+    "medium": dict(mha=4.194, mla=4.211, tpa_kvonly=4.182, tpa=4.217),
+    "large": dict(mha=6.554, mla=6.595, tpa_kvonly=6.579, tpa=6.597),
+    "xl": dict(mha=10.24, mla=10.31, tpa_kvonly=10.34, tpa=10.26),
+}
+KV_ELEMS = {  # spec 1.4, per token per layer
+    "small": dict(mha=1536, mqa=128, gqa=256, mla=288, tpa_kvonly=344, tpa=392),
+    "medium": dict(mha=2048, mqa=128, gqa=256, mla=288, tpa_kvonly=372, tpa=444),
+    "large": dict(mha=2560, mqa=128, gqa=256, mla=288, tpa_kvonly=404, tpa=500),
+    "xl": dict(mha=3200, mqa=128, gqa=256, mla=288, tpa_kvonly=444, tpa=568),
+}
+
+
+@pytest.mark.parametrize("size", list(PARAMS_M))
+def test_paper_sizes(size):
+    for attn, millions in PARAMS_M[size].items():
+        with torch.device("meta"):
+            model = GPT(model_config(size, attn))
+        assert round(model.num_params() / 1e6, 2) == millions, (size, attn, model.num_params())
+        attn_params = model.attn_params_per_layer()
+        ref = ATTN_M[size].get(attn, ATTN_M[size]["mha"])
+        assert abs(attn_params / 1e6 - ref) < 0.006, (size, attn, attn_params)
+        # the matching rule: MQA/GQA have exactly MHA's parameters, MLA within 1%, TPA within 3%
+        tol = {"mha": 0, "mqa": 0, "gqa": 0, "mla": 0.01}.get(attn, 0.03)
+        assert abs(model.num_params() / (PARAMS_M[size]["mha"] * 1e6) - 1) <= tol + 5e-5, (size, attn)
+        if attn in ("mqa", "gqa"):
+            assert attn_params == 4 * model.config.n_embd ** 2
+        assert model.transformer.h[0].attn.kv_cache_elems_per_token() == KV_ELEMS[size][attn]
+        assert model.kv_cache_elems_per_token() == KV_ELEMS[size][attn] * model.config.n_layer
+
+
+def test_medium_tpa_kv_bytes():
+    # spec 1.4: medium TPA caches 20.8 KiB per token in bf16, XL 53.2 KiB
+    for size, kib in (("medium", 20.8), ("xl", 53.2)):
+        with torch.device("meta"):
+            model = GPT(model_config(size, "tpa"))
+        assert round(2 * model.kv_cache_elems_per_token() / 1024, 1) == kib
+
+
+def test_variant_cache_formulas():
+    H, D, Rk, Rv = 4, 16, 2, 3
+    cfg = dict(v_rank=Rv)
+    assert tiny("tpa", **cfg).transformer.h[0].attn.kv_cache_elems_per_token() == (Rk + Rv) * (H + D)
+    assert tiny("tpa", tpa_const_a=True, **cfg).transformer.h[0].attn.kv_cache_elems_per_token() == (Rk + Rv) * D
+    assert tiny("tpa", tpa_const_b=True, **cfg).transformer.h[0].attn.kv_cache_elems_per_token() == (Rk + Rv) * H
+    assert tiny("tpa", tpa_shared_b=True).transformer.h[0].attn.kv_cache_elems_per_token() == 4 * H + 2 * D
+    assert tiny("tpa", tpa_order=3, **cfg).transformer.h[0].attn.kv_cache_elems_per_token() == (Rk + Rv) * (H + 4 + 4)
+
+
+def test_flops_per_token_by_hand():
+    with torch.device("meta"):
+        model = GPT(model_config("small", "mha"))
+    d, L, T = 768, 12, 1024
+    matmul = L * (4 * d * d + 3 * d * 2048) + 50304 * d
+    attn = L * 12 * (64 + 64) * (T + 1)  # forward QK^T + PV over the causal half
+    assert model.flops_per_token(T) == 6 * matmul + 3 * attn
+    with torch.device("meta"):
+        tpa = GPT(model_config("small", "tpa"))
+    H, R = 34, 6 + 2 + 2
+    matmul = L * (d * R * (H + 64) + H * 64 * d + 3 * d * 2048) + 50304 * d
+    attn = L * (2 * H * 64 * R + H * 128 * (T + 1))
+    assert tpa.flops_per_token(T) == 6 * matmul + 3 * attn
+
+
+# -- TPA math ----------------------------------------------------------------------------------------
+
+
+def identity_rope(model, T):
+    return {dim: (torch.ones(1, T, 1, dim // 2), torch.zeros(1, T, 1, dim // 2)) for dim in model.rope_dims}
+
+
+@pytest.mark.parametrize("opts", [{}, dict(tpa_order=3), dict(attn="tpa_kvonly"), dict(tpa_const_b=True)])
+def test_tpa_rope_on_b_equals_rope_on_qk(opts):
+    opts = dict(opts)
+    model = randomize(tiny(opts.pop("attn", "tpa"), **opts))
+    attn = model.transformer.h[0].attn
+    x = torch.randn(2, 12, 64)
+    pos = torch.arange(12)
+    q_rot, fac_rot = attn.factors(x, model.rope(pos))
+    q_raw, fac_raw = attn.factors(x, identity_rope(model, 12))
+    cos, sin = model.rope(pos)[attn.rope_dim]
+    rot = lambda t: apply_rope(t.reshape(2, 12, -1, attn.rope_dim), cos, sin).reshape(t.shape)
+    if q_rot is None:
+        q_rot, q_raw = attn.materialize(*fac_rot["q"], "q"), attn.materialize(*fac_raw["q"], "q")
+    torch.testing.assert_close(q_rot, rot(q_raw))
+    k_rot, k_raw = attn.materialize(*fac_rot["k"], "k"), attn.materialize(*fac_raw["k"], "k")
+    torch.testing.assert_close(k_rot.expand(2, 12, -1, -1), rot(k_raw.expand(2, 12, -1, -1)))
+    torch.testing.assert_close(attn.materialize(*fac_rot["v"], "v"), attn.materialize(*fac_raw["v"], "v"))
+    # and relative positions: shifting every position by 7 leaves q.k unchanged
+    q7, fac7 = attn.factors(x, model.rope(pos + 7))
+    if q7 is None:
+        q7 = attn.materialize(*fac7["q"], "q")
+    k7 = attn.materialize(*fac7["k"], "k").expand(2, 12, -1, -1)
+    torch.testing.assert_close(torch.einsum("bthd,bshd->bhts", q7, k7),
+                               torch.einsum("bthd,bshd->bhts", q_rot, k_rot.expand(2, 12, -1, -1)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
+def test_gqa_family_is_constant_a_tpa(n_kv_head):
+    """Spec 1.6: MHA / GQA / MQA are TPA with constant one-hot / group-mask / all-ones A factors."""
+    H, D, G = 4, 16, n_kv_head
+    attn = {4: "mha", 2: "gqa", 1: "mqa"}[G]
+    gqa_model = randomize(tiny(attn, n_kv_head=G if attn == "gqa" else 0))
+    tpa_model = tiny("tpa", tpa_const_a=True, q_rank=H, k_rank=G, v_rank=G)
+    gqa, tpa = gqa_model.transformer.h[0].attn, tpa_model.transformer.h[0].attn
+    assert isinstance(gqa, GQA) and isinstance(tpa, TPA)
+    with torch.no_grad():
+        tpa.c_fact.weight.copy_(gqa.c_attn.weight)  # [W_q; W_k; W_v] = [B_q; B_k; B_v] projections
+        tpa.c_proj.weight.copy_(gqa.c_proj.weight)
+        tpa.a_const["q"].copy_(H * torch.eye(H))  # a_i = h e_i
+        group = torch.arange(H) // (H // G)  # query head h reads KV head h // (H/G)
+        for n in "kv":
+            tpa.a_const[n].copy_(G * torch.nn.functional.one_hot(group, G).float())  # a_j = G mask_j
+    x = torch.randn(2, 10, 64)
+    rope = gqa_model.rope(torch.arange(10))
+    torch.testing.assert_close(tpa(x, rope), gqa(x, rope), rtol=1e-5, atol=1e-5)
+
+
+def test_tpa_materialized_qkv_by_hand():
+    """The fused projection and the head-major A layout give Q = (1/R) sum_r a_r (x) b_r (spec 1.2)."""
+    model = randomize(tiny("tpa"))
+    attn = model.transformer.h[0].attn
+    x = torch.randn(1, 3, 64)
+    _, fac = attn.factors(x, identity_rope(model, 3))
+    W = dict(zip(attn.names, attn.c_fact.weight.split(attn.sizes, dim=0)))
+    H, D, R = 4, 16, 6
+    a = (x @ W["aq"].T).view(1, 3, H, R)  # output index h * R + r
+    b = (x @ W["bq"].T).view(1, 3, R, D)  # output index r * D + j
+    q = sum(a[..., r, None] * b[..., r, None, :] for r in range(R)) / R
+    torch.testing.assert_close(attn.materialize(*fac["q"], "q"), q)
+
+
+def test_tpa_init_bounds():
+    """Spec 1.8: the official 3-D-view Xavier bounds on T6-small; true 2-D Xavier as the option."""
+    for init, bounds in (("official", dict(aq=0.0353, ak=0.0612, bq=0.0110)),
+                         ("xavier", dict(aq=math.sqrt(6 / (768 + 204)), ak=math.sqrt(6 / (768 + 68)),
+                                         bq=math.sqrt(6 / (768 + 384))))):
+        torch.manual_seed(0)
+        attn = TPA(model_config("small", "tpa", tpa_init=init))
+        W = dict(zip(attn.names, attn.c_fact.weight.split(attn.sizes, dim=0)))
+        for name, bound in bounds.items():
+            w = W[name]
+            assert w.abs().max() <= bound + 1e-4 and w.abs().max() > 0.98 * bound, (init, name, w.abs().max())
+
+
+def test_mla_settings_reach_the_model():
+    """The official repo dropped the MLA dims from its configs (spec 0.1); here every one is used."""
+    model = GPT(model_config("tiny", "mla", vocab_size=V, q_lora_rank=24, kv_lora_rank=12,
+                             qk_rope_head_dim=6, v_head_dim=10, head_dim=8))
+    a = model.transformer.h[0].attn
+    assert a.q_a_proj.weight.shape == (24, 64)
+    assert a.q_b_proj.weight.shape == (4 * (8 + 6), 24)
+    assert a.kv_a_proj_with_mqa.weight.shape == (12 + 6, 64)
+    assert a.kv_b_proj.weight.shape == (4 * (8 + 10), 12)
+    assert a.c_proj.weight.shape == (64, 4 * 10)
+    assert a.kv_cache_elems_per_token() == 12 + 6
+    assert a.scale == (8 + 6) ** -0.5
+    assert model(torch.randint(0, V, (1, 5)), torch.randint(0, V, (1, 5)))[1].isfinite()
+
+
+# -- configuration errors ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(attn="tpa_kv_only"), "did you mean 'tpa_kvonly'"),
+    (dict(attn="gqa", n_head=6, n_kv_head=4), "n_head=6 is not divisible by n_kv_head=4"),
+    (dict(attn="mha", n_kv_head=2), "use attn='gqa'"),
+    (dict(head_dim=15), "head_dim=15 is odd"),
+    (dict(q_rank=0), "q_rank=0 must be >= 1"),
+    (dict(attn="tpa_kvonly", k_rank=0), "k_rank=0 must be >= 1"),
+    (dict(tpa_order=3, tpa_db=4, tpa_dc=3, head_dim=16), "tpa_db \\* tpa_dc == head_dim"),
+    (dict(tpa_order=3, tpa_db=3, tpa_dc=4, head_dim=12), "tpa_db=3 must be even"),
+    (dict(tpa_const_a=True, tpa_const_b=True), "cannot be combined"),
+    (dict(tpa_shared_b=True, k_rank=2, v_rank=3), "k_rank == v_rank"),
+    (dict(attn="mha", tpa_const_a=True), "only apply to attn='tpa'"),
+    (dict(tpa_init="kaiming"), "choose 'official' or 'xavier'"),
+    (dict(attn="mla", qk_rope_head_dim=5), "qk_rope_head_dim=5 must be even"),
+    (dict(n_layer=0), "n_layer=0 must be >= 1"),
+])
+def test_config_errors(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GPTConfig(**kwargs)
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="did you mean 'small'"):
+        model_config("smal", "tpa")
+    with pytest.raises(ValueError, match="did you mean"):
+        model_config("tiny", "tpa", n_heads=4)
+    assert model_config("small", "gqa").n_kv_head == 2
+    assert model_config("small", "mqa").n_kv_head == 1
+    assert model_config("small", "mha").n_kv_head == 12
+    assert model_config("small", "mha", n_head=None).n_head == 12  # None means "from the table"
