@@ -1,0 +1,486 @@
+"""
+Token shards from FineWeb-Edu, tiny Shakespeare or local files; and a checker for them.
+
+    python data/prepare.py fineweb-edu --version=10B                # -> data/fineweb-edu-10B
+    python data/prepare.py fineweb-edu --version=100B --workers=32  # the paper's data (spec 3.2)
+    python data/prepare.py fineweb-edu --version=100B --max_tokens=10_000_000_000   # a 10B prefix
+    python data/prepare.py shakespeare                              # quick start (downloads 1 MB)
+    python data/prepare.py shakespeare --input=path/to/input.txt    # the same, offline
+    python data/prepare.py 'corpus/*.jsonl.zst' more.parquet --out_dir=data/mine --text_field=content
+    python data/prepare.py check data/fineweb-edu-10B               # validate every shard, print totals
+
+Every source becomes a list of work units (a parquet row group, a byte range of a JSON-lines file, a
+whole text file, or a decompressed block of a compressed file), read and tokenized by a pool of
+workers and written in unit order, so the shards do not depend on the number of workers. Each
+document is prefixed with the GPT-2 end-of-text token (spec 3.2) and documents run across shard
+boundaries. The first --val_tokens tokens are the val split (*_val_NNNNNN.bin), the rest train.
+
+Memory stays bounded (at most 2 x workers units in flight and one shard buffer), whatever the size of
+the source; FineWeb-Edu row groups are streamed from the hub and never stored. After every shard the
+position in the unit list is saved, so an interrupted run (Ctrl-C, kill, crash) resumes after its last
+complete shard and writes byte-identical shards. Shards are written to a temporary name and renamed.
+"""
+
+import argparse
+import bz2
+import errno
+import glob
+import gzip
+import json
+import lzma
+import multiprocessing as mp
+import os
+import sys
+import urllib.request
+from collections import deque
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as `python data/prepare.py`: make the repo root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data.shards import HEADER_BYTES, open_shard, read_header, write_shard
+
+FINEWEB = "HuggingFaceFW/fineweb-edu"
+FINEWEB_VERSIONS = {"10B": 10e9, "100B": 100e9, "350B": 350e9}  # config sample-<v>T; nominal tokens
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+CHUNK_BYTES = 4 << 20  # JSON-lines work units: ~4 MB of text each (part of the output's definition)
+COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".zst": None, ".bz2": bz2.open}
+STATE, META = "prepare_state.json", "meta.json"
+
+
+# -----------------------------------------------------------------------------
+# sources -> work units
+
+
+def _open_compressed(path):
+    ext = os.path.splitext(path)[1]
+    if ext == ".zst":
+        import zstandard
+        return zstandard.ZstdDecompressor().stream_reader(open(path, "rb"))
+    return COMPRESSION[ext](path, "rb")
+
+
+def _kind(path):
+    """(format, compressed) from the file name: format is parquet, jsonl, json or txt."""
+    base, ext = os.path.splitext(path)
+    compressed = ext in COMPRESSION
+    if compressed:
+        ext = os.path.splitext(base)[1]
+    if ext == ".parquet":
+        if compressed:
+            raise ValueError(f"{path}: parquet files are compressed internally; decompress the outer file first")
+        return "parquet", False
+    return {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}.get(ext, "txt"), compressed
+
+
+def _line_ranges(path):
+    """Byte ranges of about CHUNK_BYTES that start and end on line boundaries."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        start = 0
+        while start < size:
+            f.seek(min(start + CHUNK_BYTES, size))
+            f.readline()
+            end = min(f.tell(), size)
+            yield start, end
+            start = end
+
+
+def _blocks(stream):
+    """Blocks of about CHUNK_BYTES of whole lines from a (decompressed) binary stream."""
+    rest = b""
+    while True:
+        data = stream.read(CHUNK_BYTES)
+        if not data:
+            if rest:
+                yield rest
+            return
+        data = rest + data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            rest = data
+            continue
+        rest = data[cut:]
+        yield data[:cut]
+
+
+def units(files):
+    """Work units of a list of files or URLs, in a fixed order."""
+    for path in files:
+        kind, compressed = _kind(path)
+        if kind == "parquet":
+            import fsspec
+            import pyarrow.parquet as pq
+            with fsspec.open(path, "rb") as f:
+                n_groups = pq.ParquetFile(f).num_row_groups
+            for g in range(n_groups):
+                yield ("parquet", path, g)
+        elif not compressed and kind == "jsonl":
+            for start, end in _line_ranges(path):
+                yield ("lines", path, start, end)
+        elif not compressed:
+            yield ("file", path, kind)
+        else:
+            with _open_compressed(path) as stream:
+                if kind == "jsonl":
+                    for block in _blocks(stream):
+                        yield ("data", path, "jsonl", block)
+                else:  # a whole txt or JSON document list
+                    yield ("data", path, kind, stream.read())
+
+
+def fineweb_files(version):
+    """The parquet files of HuggingFaceFW/fineweb-edu sample-<version>T, as hf:// URLs (through datasets)."""
+    import datasets
+    builder = datasets.load_dataset_builder(FINEWEB, name=f"sample-{version}T")
+    files = [str(f) for f in builder.config.data_files["train"]]
+    if not files:
+        raise ValueError(f"{FINEWEB} sample-{version}T lists no train files")
+    return files
+
+
+def local_files(patterns):
+    files = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matched:
+            raise FileNotFoundError(f"no file matches {pattern!r}")
+        files += [m for m in matched if os.path.isfile(m)]
+    return files
+
+
+# -----------------------------------------------------------------------------
+# workers: unit -> documents -> tokens
+
+_ENC = None
+_FIELD = None
+
+
+def _init_worker(tokenizer, text_field):
+    global _ENC, _FIELD
+    import tiktoken
+    _ENC, _FIELD = tiktoken.get_encoding(tokenizer), text_field
+
+
+def _texts_from_records(records, where):
+    texts = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec, dict) or _FIELD not in rec:
+            keys = list(rec) if isinstance(rec, dict) else type(rec).__name__
+            raise ValueError(f"{where}: record {i} has no field {_FIELD!r} (it has {keys}); "
+                             f"pass --text_field=NAME")
+        texts.append(rec[_FIELD])
+    return texts
+
+
+def _texts(unit):
+    kind = unit[0]
+    if kind == "parquet":
+        import fsspec
+        import pyarrow.parquet as pq
+        _, path, group = unit
+        with fsspec.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            if _FIELD not in pf.schema_arrow.names:
+                raise ValueError(f"{path}: no column {_FIELD!r} (columns: {pf.schema_arrow.names}); pass --text_field=NAME")
+            return pf.read_row_group(group, columns=[_FIELD]).column(0).to_pylist()
+    if kind == "lines":
+        _, path, start, end = unit
+        with open(path, "rb") as f:
+            f.seek(start)
+            data, fmt = f.read(end - start), "jsonl"
+    elif kind == "file":
+        _, path, fmt = unit
+        with open(path, "rb") as f:
+            data = f.read()
+    else:
+        _, path, fmt, data = unit
+    text = data.decode("utf-8")
+    if fmt == "txt":
+        return [text]
+    if fmt == "json" and text.lstrip().startswith("["):
+        return _texts_from_records(json.loads(text), path)
+    return _texts_from_records([json.loads(line) for line in text.split("\n") if line.strip()], path)
+
+
+def to_uint16(ids, where=""):
+    ids = np.asarray(ids, dtype=np.int64)
+    if len(ids) and (ids.max() >= 2 ** 16 or ids.min() < 0):
+        raise ValueError(f"{where}token id {ids.max()} does not fit the uint16 shard format (ids must be < 65536); "
+                         f"use a tokenizer with a vocabulary of at most 65536")
+    return ids.astype(np.uint16)
+
+
+def tokenize_unit(unit):
+    """One work unit -> uint16 tokens, each document prefixed with EOT."""
+    eot = np.array([_ENC.eot_token])
+    parts = []
+    for text in _texts(unit):
+        parts.append(eot)
+        # = encode_ordinary (special-token strings are plain text), straight into numpy
+        parts.append(_ENC.encode_to_numpy(text, disallowed_special=()))
+    return to_uint16(np.concatenate(parts) if parts else [], f"{unit[1]}: ")
+
+
+# -----------------------------------------------------------------------------
+# writer: ordered tokens -> shards, with the resume state
+
+
+class ShardWriter:
+    def __init__(self, out_dir, prefix, shard_size, val_tokens, max_tokens, eot, state):
+        self.out_dir, self.prefix, self.shard_size = out_dir, prefix, shard_size
+        self.val_tokens, self.max_tokens, self.eot = val_tokens, max_tokens, eot
+        self.s = state
+        self.buf = np.empty(shard_size, dtype=np.uint16)
+        self.fill = 0
+
+    @staticmethod
+    def new_state(val_tokens):
+        return dict(unit=0, skip=0, split="val" if val_tokens > 0 else "train",
+                    index=dict(val=0, train=0), tokens=dict(val=0, train=0), docs=dict(val=0, train=0), shards=[])
+
+    @property
+    def written(self):
+        return self.s["tokens"]["val"] + self.s["tokens"]["train"] + self.fill
+
+    def room(self):
+        room = self.shard_size - self.fill
+        if self.s["split"] == "val":
+            room = min(room, self.val_tokens - self.s["tokens"]["val"] - self.fill)
+        if self.max_tokens:
+            room = min(room, self.max_tokens - self.written)
+        return room
+
+    def full(self):
+        return bool(self.max_tokens) and self.written >= self.max_tokens
+
+    def add(self, unit_index, tokens, skip=0):
+        """Append a unit's tokens (from offset skip); returns the number of tokens taken."""
+        pos = skip
+        while pos < len(tokens) and not self.full():
+            n = min(self.room(), len(tokens) - pos)
+            self.buf[self.fill:self.fill + n] = tokens[pos:pos + n]
+            self.fill += n
+            pos += n
+            if self.room() == 0:
+                self.flush(unit_index, pos)
+        return pos - skip
+
+    def flush(self, next_unit, next_skip):
+        if self.fill == 0:
+            return
+        s, split = self.s, self.s["split"]
+        name = f"{self.prefix}_{split}_{s['index'][split]:06d}.bin"
+        try:
+            write_shard(os.path.join(self.out_dir, name), self.buf[:self.fill])
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise SystemExit(f"disk full while writing {name} in {self.out_dir}: free some space and run the same "
+                                 f"command again; it resumes after the last complete shard") from e
+            raise
+        s["tokens"][split] += self.fill
+        s["docs"][split] += int(np.count_nonzero(self.buf[:self.fill] == self.eot))
+        s["shards"].append(dict(name=name, split=split, tokens=self.fill))
+        s["index"][split] += 1
+        if split == "val" and s["tokens"]["val"] >= self.val_tokens:
+            s["split"] = "train"
+        s["unit"], s["skip"] = next_unit, next_skip
+        self.fill = 0
+        save_json(os.path.join(self.out_dir, STATE), dict(self.s, args=self.args))
+
+
+def save_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def prepare(files, out_dir, prefix, source, tokenizer="gpt2", workers=None, shard_size=10 ** 8, val_tokens=None,
+            max_tokens=0, text_field="text", overwrite=False, total_hint=None, progress=True):
+    """Tokenize files into shards in out_dir; returns the meta dict. See the module docstring."""
+    import tiktoken
+    enc = tiktoken.get_encoding(tokenizer)
+    if enc.n_vocab > 2 ** 16:
+        raise ValueError(f"tokenizer {tokenizer!r} has {enc.n_vocab} tokens; the uint16 shard format holds ids < 65536")
+    workers = workers or os.cpu_count()
+    val_tokens = shard_size if val_tokens is None else val_tokens
+    args = dict(source=source, files=list(files), tokenizer=tokenizer, shard_size=shard_size, val_tokens=val_tokens,
+                max_tokens=max_tokens, text_field=text_field, chunk_bytes=CHUNK_BYTES)
+    os.makedirs(out_dir, exist_ok=True)
+    state = _start_state(out_dir, args, overwrite, val_tokens)
+    if state is None:
+        return load_json(os.path.join(out_dir, META))
+    writer = ShardWriter(out_dir, prefix, shard_size, val_tokens, max_tokens, enc.eot_token, state)
+    writer.args = args
+    resume_unit, resume_skip = state["unit"], state["skip"]
+    if resume_unit or resume_skip:
+        print(f"resuming {out_dir} after {len(state['shards'])} complete shards ({writer.written:,} tokens)")
+
+    from tqdm import tqdm
+    bar = tqdm(total=max_tokens or total_hint, initial=writer.written, unit="tok", unit_scale=True,
+               disable=not progress, smoothing=0.05, desc=f"{prefix} -> {out_dir}")
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    try:
+        with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, text_field)) as pool:
+            pending = deque()
+
+            def drain_one():
+                u, result = pending.popleft()
+                tokens = result.get()
+                bar.update(writer.add(u, tokens, skip=resume_skip if u == resume_unit else 0))
+
+            for u, unit in enumerate(units(files)):
+                if u < resume_unit:
+                    continue  # already in complete shards
+                pending.append((u, pool.apply_async(tokenize_unit, (unit,))))
+                while len(pending) >= 2 * workers:
+                    drain_one()
+                if writer.full():
+                    break
+            while pending and not writer.full():
+                drain_one()
+    except KeyboardInterrupt:
+        bar.close()
+        raise SystemExit(f"\ninterrupted: {len(state['shards'])} complete shards are kept in {out_dir}; "
+                         f"run the same command again to resume")
+    bar.close()
+    writer.flush(None, 0)
+    if writer.written == 0:
+        raise ValueError(f"the source produced no documents ({source}); check the files and --text_field")
+    if state["tokens"]["train"] == 0:
+        raise ValueError(f"all {writer.written:,} tokens of {source} went to the val split (--val_tokens={val_tokens:,}); "
+                         f"run again with a smaller --val_tokens and --overwrite")
+    meta = dict(source=source, tokenizer=tokenizer, vocab_size=enc.n_vocab, eot_token=enc.eot_token, dtype="uint16",
+                header_bytes=HEADER_BYTES, shard_size=shard_size, val_tokens=val_tokens, max_tokens=max_tokens,
+                text_field=text_field, files=list(files), documents=state["docs"], tokens=state["tokens"],
+                shards=state["shards"])
+    save_json(os.path.join(out_dir, META), meta)
+    os.remove(os.path.join(out_dir, STATE))
+    return meta
+
+
+def load_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def _start_state(out_dir, args, overwrite, val_tokens):
+    """The state to start from, or None when out_dir already holds this exact finished run."""
+    for tmp in glob.glob(os.path.join(out_dir, "*.tmp")):
+        os.remove(tmp)  # a shard or state file that a killed run did not finish
+    meta_path, state_path = os.path.join(out_dir, META), os.path.join(out_dir, STATE)
+    existing = glob.glob(os.path.join(out_dir, "*_val_*.bin")) + glob.glob(os.path.join(out_dir, "*_train_*.bin"))
+    if overwrite:
+        for path in existing + [p for p in (meta_path, state_path) if os.path.exists(p)]:
+            os.remove(path)
+        return ShardWriter.new_state(val_tokens)
+    if os.path.exists(meta_path):
+        meta = load_json(meta_path)
+        same = all(meta.get(k) == args[k] for k in ("source", "files", "tokenizer", "shard_size", "val_tokens",
+                                                     "max_tokens", "text_field"))
+        if same:
+            print(f"{out_dir} is already prepared with these settings ({sum(meta['tokens'].values()):,} tokens)")
+            return None
+        raise SystemExit(f"{out_dir} already holds shards prepared with other settings; use another --out_dir "
+                         f"or --overwrite to replace them")
+    if os.path.exists(state_path):
+        state = load_json(state_path)
+        if state.pop("args") != args:
+            raise SystemExit(f"{out_dir} holds an unfinished run with other settings; rerun it with the same "
+                             f"settings to resume, or use --overwrite to start again")
+        return state
+    if existing:
+        raise SystemExit(f"{out_dir} already holds shards that this tool did not record; use another --out_dir "
+                         f"or --overwrite")
+    return ShardWriter.new_state(val_tokens)
+
+
+# -----------------------------------------------------------------------------
+# check
+
+
+def check(data_dir, progress=True):
+    """Validate every shard (header, size, token range) and meta.json; return the totals per split."""
+    from tqdm import tqdm
+    meta_path = os.path.join(data_dir, META)
+    meta = load_json(meta_path) if os.path.exists(meta_path) else None
+    vocab = meta["vocab_size"] if meta else 50257
+    paths = sorted(glob.glob(os.path.join(data_dir, "*_val_*.bin")) + glob.glob(os.path.join(data_dir, "*_train_*.bin")))
+    if not paths:
+        raise ValueError(f"{data_dir}: no *_val_*.bin or *_train_*.bin shards")
+    totals = {"val": [0, 0], "train": [0, 0]}  # shards, tokens
+    for path in tqdm(paths, desc=f"check {data_dir}", disable=not progress):
+        read_header(path)
+        tokens = open_shard(path)
+        for i in range(0, len(tokens), 1 << 26):
+            hi = int(tokens[i:i + (1 << 26)].max())
+            if hi >= vocab:
+                raise ValueError(f"{path}: token id {hi} is out of range for vocab_size {vocab}")
+        split = "val" if "_val_" in os.path.basename(path) else "train"
+        totals[split][0] += 1
+        totals[split][1] += len(tokens)
+    if meta:
+        listed = {s["name"]: s["tokens"] for s in meta["shards"]}
+        found = {os.path.basename(p): read_header(p) for p in paths}
+        if listed != found:
+            missing, extra = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
+            raise ValueError(f"{data_dir}: shards do not match meta.json (missing {missing}, unlisted {extra}, "
+                             f"or token counts differ)")
+    for split, (n, t) in totals.items():
+        docs = f", {meta['documents'][split]:,} documents" if meta else ""
+        print(f"{split:>5}: {n} shards, {t:,} tokens{docs}")
+    print(f"ok: {len(paths)} shards, {sum(t for _, t in totals.values()):,} tokens, all ids < {vocab}")
+    return {k: dict(shards=n, tokens=t) for k, (n, t) in totals.items()}
+
+
+# -----------------------------------------------------------------------------
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", nargs="+", help="fineweb-edu | shakespeare | check DIR | local files or globs")
+    parser.add_argument("--out_dir", help="output folder (default: data/<source>)")
+    parser.add_argument("--version", default="10B", choices=list(FINEWEB_VERSIONS), help="FineWeb-Edu sample")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
+    parser.add_argument("--shard_size", type=int, default=10 ** 8, help="tokens per shard")
+    parser.add_argument("--val_tokens", type=int, default=None,
+                        help="tokens in the val split (default: one shard, as in the paper; shakespeare: 32768)")
+    parser.add_argument("--max_tokens", type=int, default=0, help="stop after this many tokens (0: the whole source)")
+    parser.add_argument("--text_field", default="text", help="field or column holding the text (json/jsonl/parquet)")
+    parser.add_argument("--tokenizer", default="gpt2", help="tiktoken encoding")
+    parser.add_argument("--input", help="shakespeare: a local copy of input.txt (otherwise it is downloaded)")
+    parser.add_argument("--overwrite", action="store_true", help="replace shards already in out_dir")
+    args = parser.parse_args(argv)
+    src = args.source
+    if src[0] == "check":
+        if len(src) != 2:
+            parser.error("usage: python data/prepare.py check DIR")
+        return check(src[1])
+    kw = dict(tokenizer=args.tokenizer, workers=args.workers, shard_size=args.shard_size, val_tokens=args.val_tokens,
+              max_tokens=args.max_tokens, text_field=args.text_field, overwrite=args.overwrite)
+    if src == ["fineweb-edu"]:
+        out_dir = args.out_dir or f"data/fineweb-edu-{args.version}"
+        files = fineweb_files(args.version)
+        print(f"{FINEWEB} sample-{args.version}T: {len(files)} parquet files, streamed")
+        return prepare(files, out_dir, "fineweb_edu", f"{FINEWEB}/sample-{args.version}T",
+                       total_hint=args.max_tokens or FINEWEB_VERSIONS[args.version], **kw)
+    if src == ["shakespeare"]:
+        out_dir = args.out_dir or "data/shakespeare"
+        path = args.input
+        if path is None:
+            path = os.path.join(out_dir, "input.txt")
+            if not os.path.exists(path):
+                os.makedirs(out_dir, exist_ok=True)
+                print(f"downloading {SHAKESPEARE_URL}")
+                urllib.request.urlretrieve(SHAKESPEARE_URL, path + ".tmp")
+                os.replace(path + ".tmp", path)
+        kw["val_tokens"] = 32768 if args.val_tokens is None else args.val_tokens
+        return prepare([os.path.abspath(path)], out_dir, "shakespeare", "tinyshakespeare", **kw)
+    if not args.out_dir:
+        parser.error("local sources need --out_dir")
+    files = [os.path.abspath(f) for f in local_files(src)]
+    return prepare(files, args.out_dir, "data", "local:" + ",".join(src), **kw)
+
+
+if __name__ == "__main__":
+    main()

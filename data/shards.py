@@ -1,0 +1,49 @@
+"""
+llm.c token shards: a header of 256 int32 (magic 20240520, version 1, token count, then zeros)
+followed by the tokens as little-endian uint16. Numpy only, so that data/prepare.py's workers stay light.
+"""
+
+import os
+
+import numpy as np
+
+MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+def write_shard(path, tokens):
+    """Write uint16 tokens to path atomically (temporary file, then rename)."""
+    tokens = np.asarray(tokens)
+    assert tokens.dtype == np.uint16
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:3] = (MAGIC, VERSION, len(tokens))
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2", copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path):
+    """Validate a shard's header against its size; return its token count. Errors name the file."""
+    size = os.path.getsize(path)
+    if size < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than the {HEADER_BYTES}-byte shard header (truncated file?)")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    if header[0] != MAGIC:
+        raise ValueError(f"{path}: bad magic number {header[0]} (expected {MAGIC}); not a token shard from data/prepare.py")
+    if header[1] != VERSION:
+        raise ValueError(f"{path}: unsupported shard version {header[1]} (expected {VERSION})")
+    count = int(header[2])
+    if size != HEADER_BYTES + 2 * count:
+        raise ValueError(f"{path}: header says {count} tokens ({HEADER_BYTES + 2 * count} bytes) but the file has "
+                         f"{size} bytes (truncated or corrupt; prepare it again)")
+    return count
+
+
+def open_shard(path):
+    """Memory-map a shard's tokens (uint16), after validating its header."""
+    count = read_header(path)
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
