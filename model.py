@@ -531,6 +531,10 @@ class GPT(nn.Module):
         """Elements cached per token over all layers."""
         return sum(block.attn.kv_cache_elems_per_token() for block in self.transformer.h)
 
+    def estimate_mfu(self, tokens_per_s, peak, T=None):
+        """Model FLOPs utilisation: achieved training FLOP/s over peak FLOP/s (of all devices)."""
+        return self.flops_per_token(T) * tokens_per_s / peak
+
     def flops_per_token(self, T=None):
         """Training FLOPs (forward + backward) per token at sequence length T (default block_size).
 
@@ -542,3 +546,19 @@ class GPT(nn.Module):
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         attn = sum(block.attn.attn_flops_per_token(T) for block in self.transformer.h)
         return 6 * matmul + 3 * attn
+
+
+# peak dense tensor FLOP/s per device: (name substring, bf16/fp16, tf32 for float32); first match wins
+PEAK_FLOPS = [("H200", 989e12, 494e12), ("H100 PCIe", 756e12, 378e12), ("H100", 989e12, 494e12),
+              ("H800", 989e12, 494e12), ("GH200", 989e12, 494e12), ("B200", 2250e12, 1125e12),
+              ("A100", 312e12, 156e12), ("A800", 312e12, 156e12), ("A6000", 155e12, 77e12),
+              ("L40S", 362e12, 183e12), ("L4", 121e12, 60e12), ("4090", 165e12, 83e12),
+              ("3090", 71e12, 36e12), ("V100", 125e12, 125e12), ("T4", 65e12, 8e12)]
+
+
+def peak_flops(device_name, dtype="bfloat16"):
+    """Peak FLOP/s of one device by its name (torch.cuda.get_device_name), or None if unknown."""
+    for key, half, tf32 in PEAK_FLOPS:
+        if key in device_name:
+            return tf32 if dtype == "float32" else half
+    return None

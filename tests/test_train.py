@@ -1,0 +1,228 @@
+"""train.py end to end on the CPU: accumulation, DDP (gloo), exact resume, preemption, checkpoints, logs."""
+
+import glob
+import json
+import math
+import os
+import runpy
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import checkpoint as ckpt_lib
+from conftest import ROOT
+from data.shards import write_shard
+from model import GPT, peak_flops
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shards")
+    rng = np.random.default_rng(0)
+    # random tokens with some structure (a token often repeats the previous one), vocabulary 256
+    for split, sizes in (("train", [6000, 5000, 7000]), ("val", [3000])):
+        for i, n in enumerate(sizes):
+            t = rng.integers(0, 256, n)
+            t[1::2] = (t[0::2][: len(t[1::2])] + 1) % 256
+            write_shard(str(root / f"syn_{split}_{i:06d}.bin"), t.astype(np.uint16))
+    return str(root)
+
+
+def base_args(data_dir, out_dir, **kw):
+    args = dict(size="tiny", attn="tpa", vocab_size=256, block_size=32, batch_size=4, gradient_accumulation_steps=1,
+                max_iters=6, eval_interval=3, log_interval=1, eval_tokens=1024, compile=False, device="cpu",
+                warmup_iters=2, lr_decay_iters=6, learning_rate=3e-3, min_lr=3e-4, data_dir=data_dir, out_dir=out_dir)
+    args.update(kw)
+    return [f"--{k}={v}" for k, v in args.items()]
+
+
+def train(args, nproc=1, check=True):
+    cmd = [sys.executable, "train.py"] if nproc == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
+    p = subprocess.run(cmd + args, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    if check and p.returncode != 0:
+        raise AssertionError(f"train.py failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def metrics(out_dir):
+    return [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+def losses(out_dir):
+    return [(m["iter"], m["loss"]) for m in metrics(out_dir) if "loss" in m]
+
+
+def weights(out_dir):
+    return ckpt_lib.load_checkpoint(out_dir)["model"]
+
+
+def assert_same_weights(a, b, atol):
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=atol, msg=k)
+
+
+def test_lr_schedule_and_logs(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    train(base_args(data_dir, out, max_iters=8, lr_decay_iters=6))
+    lr = {m["iter"]: m["lr"] for m in metrics(out) if "lr" in m}
+    # warmup from 0 over 2 iterations, cosine to min_lr at 6, then min_lr (record k used get_lr(k - 1))
+    expected = [0.0, 1.5e-3] + [3e-4 + 0.5 * (1 + math.cos(math.pi * i / 4)) * 2.7e-3 for i in range(5)] + [3e-4]
+    assert [lr[k] for k in range(1, 9)] == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    val = [m for m in metrics(out) if "val_loss" in m]
+    assert [m["iter"] for m in val] == [0, 3, 6, 8]
+    assert abs(val[0]["val_loss"] - math.log(256)) < 1.0 and val[-1]["val_loss"] < val[0]["val_loss"]
+    assert all(m["val_ppl"] == pytest.approx(math.exp(m["val_loss"])) for m in val)
+    header = json.load(open(os.path.join(out, "header.json")))
+    assert header["config"]["max_iters"] == 8 and header["model_config"]["attn"] == "tpa"
+    assert {"git_commit", "torch", "device", "world_size"} <= header.keys()
+    assert [os.path.basename(p) for p in ckpt_lib.list_checkpoints(out)] == ["ckpt_0000006.pt", "ckpt_0000008.pt"]
+    ck = ckpt_lib.load_checkpoint(out)
+    assert not any(k.startswith(("_orig_mod", "module")) for k in ck["model"])
+    assert ck["iter_num"] == 8 and ck["tokens_seen"] == 8 * 4 * 32 and ck["loader"]["step"] == 8
+
+
+def test_gradient_accumulation_equals_large_batch(data_dir, tmp_path):
+    a, b = str(tmp_path / "acc"), str(tmp_path / "big")
+    train(base_args(data_dir, a, batch_size=2, gradient_accumulation_steps=4, max_iters=3))
+    train(base_args(data_dir, b, batch_size=8, gradient_accumulation_steps=1, max_iters=3))
+    la, lb = losses(a), losses(b)
+    assert [i for i, _ in la] == [1, 2, 3]
+    assert np.allclose([l for _, l in la], [l for _, l in lb], rtol=0, atol=2e-6), (la, lb)
+    assert_same_weights(weights(a), weights(b), atol=1e-5)
+
+
+def test_ddp_matches_single_process(data_dir, tmp_path):
+    one, two = str(tmp_path / "one"), str(tmp_path / "two")
+    train(base_args(data_dir, one, gradient_accumulation_steps=2, max_iters=4, eval_interval=2))
+    train(base_args(data_dir, two, gradient_accumulation_steps=2, max_iters=4, eval_interval=2), nproc=2)
+    assert np.allclose([l for _, l in losses(one)], [l for _, l in losses(two)], rtol=0, atol=2e-6)
+    val_one = [m["val_loss"] for m in metrics(one) if "val_loss" in m]
+    val_two = [m["val_loss"] for m in metrics(two) if "val_loss" in m]
+    assert np.allclose(val_one, val_two, rtol=0, atol=2e-6)  # the fixed val set, split over 2 ranks
+    assert_same_weights(weights(one), weights(two), atol=1e-5)
+    bad = train(base_args(data_dir, str(tmp_path / "bad"), gradient_accumulation_steps=3), nproc=2, check=False)
+    assert bad.returncode != 0 and "must be divisible by the number of processes (2)" in bad.stdout + bad.stderr
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_resume_is_exact(data_dir, tmp_path, nproc):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    kw = dict(gradient_accumulation_steps=2, max_iters=6, eval_interval=4)
+    train(base_args(data_dir, full, **kw), nproc=nproc)
+    train(base_args(data_dir, part, **dict(kw, max_iters=3)), nproc=nproc)
+    assert [i for i, _ in losses(part)] == [1, 2, 3]
+    train(base_args(data_dir, part, init_from="resume", **kw), nproc=nproc)
+    assert losses(part) == losses(full)  # bit for bit
+    assert_same_weights(weights(part), weights(full), atol=0)
+    assert os.path.exists(os.path.join(part, "header_resume_0000003.json"))
+
+
+def test_preemption_saves_and_resumes(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    p = subprocess.Popen([sys.executable, "train.py"] + base_args(data_dir, out, max_iters=100000, lr_decay_iters=100000,
+                                                                   eval_interval=100000, eval_tokens=256),
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(os.path.join(out, "metrics.jsonl")) and len(losses(out)) >= 3:
+            break
+        time.sleep(0.2)
+    p.send_signal(signal.SIGTERM)
+    out_text = p.communicate(timeout=120)[0]
+    assert p.returncode == 0, out_text
+    assert "stop signal: saving a checkpoint" in out_text
+    ck = ckpt_lib.load_checkpoint(out)
+    assert ck["iter_num"] >= 3 and ck["loader"]["step"] == ck["iter_num"]
+    stopped = ck["iter_num"]
+    train(base_args(data_dir, out, init_from="resume", max_iters=stopped + 2, lr_decay_iters=100000,
+                    eval_interval=100000, eval_tokens=256))
+    assert [i for i, _ in losses(out)] == list(range(1, stopped + 3))
+
+
+def test_non_finite_loss_stops_the_run(data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    p = train(base_args(data_dir, out, learning_rate=1e8, min_lr=1e8, warmup_iters=0, grad_clip=0.0, max_iters=40,
+                        eval_interval=2, log_interval=1), check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and "non-finite loss" in text and "the last good checkpoint" in text, text[-2000:]
+    for path in ckpt_lib.list_checkpoints(out):  # every checkpoint on disk is finite
+        assert all(torch.isfinite(v).all() for v in torch.load(path, weights_only=False)["model"].values())
+
+
+def test_config_errors_are_clean(data_dir, tmp_path):
+    p = train(base_args(data_dir, str(tmp_path)) + ["--batchsize=2"], check=False)
+    assert p.returncode != 0 and "unknown config key 'batchsize'" in p.stderr and "Traceback" not in p.stderr
+    p = train(base_args(data_dir, str(tmp_path), n_head=3, attn="gqa", n_kv_head=2), check=False)
+    assert p.returncode != 0 and "n_head=3 is not divisible by n_kv_head=2" in p.stderr
+    p = train(base_args(data_dir, str(tmp_path / "empty"), init_from="resume"), check=False)
+    assert p.returncode != 0 and "holds no checkpoint" in p.stderr
+
+
+def test_wandb_offline(data_dir, tmp_path):
+    pytest.importorskip("wandb")
+    out = str(tmp_path / "run")
+    env = dict(ENV, WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
+    p = subprocess.run([sys.executable, "train.py"] + base_args(data_dir, out, max_iters=2, wandb_log=True),
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+    assert ckpt_lib.load_checkpoint(out)["meta"]["wandb_id"]
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    model = GPT(__import__("model").model_config("tiny", "tpa", vocab_size=256))
+    state = dict(model=model.state_dict(), model_config={}, iter_num=10)
+    ckpt_lib.save_checkpoint(state, str(tmp_path))
+    real_save = torch.save
+
+    def crashing_save(obj, f):
+        f.write(b"partial")
+        raise OSError("simulated crash during save")
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        ckpt_lib.save_checkpoint(dict(state, iter_num=20), str(tmp_path))
+    monkeypatch.setattr(torch, "save", real_save)
+    loaded = ckpt_lib.load_checkpoint(str(tmp_path))
+    assert loaded["iter_num"] == 10 and os.path.basename(loaded["path"]) == "ckpt_0000010.pt"
+    for i in (20, 30, 40):
+        ckpt_lib.save_checkpoint(dict(state, iter_num=i), str(tmp_path), keep_last=2)
+    assert [os.path.basename(p) for p in ckpt_lib.list_checkpoints(str(tmp_path))] == ["ckpt_0000030.pt", "ckpt_0000040.pt"]
+    with pytest.raises(FileNotFoundError, match="holds no ckpt_NNNNNNN.pt"):
+        ckpt_lib.load_checkpoint(str(tmp_path / "nothing")) if os.makedirs(tmp_path / "nothing") is None else None
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        ckpt_lib.load_checkpoint(str(tmp_path / "junk.pt"))
+
+
+def test_mfu_arithmetic():
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "float32") == 156e12 and peak_flops("Some GPU") is None
+    with torch.device("meta"):
+        model = GPT(__import__("model").model_config("small", "mha"))
+    # 400k tokens/s on 2 H100s: flops_per_token x 4e5 / (2 x 989e12)
+    assert model.estimate_mfu(4e5, 2 * 989e12, 1024) == pytest.approx(model.flops_per_token(1024) * 4e5 / 1.978e15)
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "config", "*.py"))), ids=os.path.basename)
+def test_config_files_resolve(path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["train.py", path, "--dry_run=True"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, "train.py"), run_name="__main__")
+    assert e.value.code in (0, None)
+    out = capsys.readouterr().out
+    resolved = json.loads(out[:out.rindex("}") + 1])
+    name = os.path.basename(path)[:-3]
+    if name != "quickstart":
+        size, attn = name.split("_", 1)
+        assert (resolved["config"]["size"], resolved["model"]["attn"]) == (size, attn)
+        assert resolved["config"]["batch_size"] * resolved["config"]["gradient_accumulation_steps"] == 480

@@ -1,0 +1,410 @@
+"""
+Pretrain T6 or any baseline of model.py's registry on token shards (data/prepare.py).
+
+    python train.py config/quickstart.py                              # one GPU, or the CPU
+    torchrun --standalone --nproc_per_node=8 train.py config/small_tpa.py
+    torchrun --standalone --nproc_per_node=8 train.py config/small_tpa.py --attn=mha   # sweep a variant
+    torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --rdzv_backend=c10d \
+        --rdzv_endpoint=HOST:29500 train.py config/xl_tpa.py                          # multi-node
+    python train.py config/small_tpa.py --init_from=resume                          # continue exactly
+
+Departures from nanoGPT and from the official trainer (spec 6.3), on purpose:
+- gradient_accumulation_steps is global: each of W ranks runs gradient_accumulation_steps / W
+  micro-steps, so the global batch does not depend on the number of GPUs;
+- the loss is divided by the number of micro-steps, so gradients (and clipping) see the true mean;
+- the data order is exact and resumable (data/loader.py), evaluation uses a fixed validation set on
+  all ranks, and a resumed run continues with exactly the losses of an uninterrupted one;
+- MFU uses the model's own FLOPs per token (model.flops_per_token) and the GPU's real peak.
+"""
+
+import json
+import math
+import os
+import platform
+import random
+import signal
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, fields
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from configurator import configure
+from data.loader import TrainLoader, ValSet
+from model import GPT, GPTConfig, model_config, peak_flops
+
+# -----------------------------------------------------------------------------
+# defaults: the paper's recipe for T6 Small (spec 3.1); config/*.py and --key=value override them
+# I/O
+out_dir = "out"
+eval_interval = 1000  # evaluate and checkpoint every this many iterations (and at max_iters)
+log_interval = 10  # one log line every this many iterations
+eval_tokens = 10 * 2 ** 20  # validation tokens per evaluation: the first ones of the val split, fixed
+keep_checkpoints = 2  # keep the newest K checkpoints
+init_from = "scratch"  # "scratch" or "resume" (the newest checkpoint in out_dir)
+dry_run = False  # print the resolved config and the model's size, then exit
+# wandb logging (works with WANDB_MODE=offline)
+wandb_log = False
+wandb_project = "tpa"
+wandb_run_name = ""  # default: out_dir's name
+# data
+data_dir = "data/fineweb-edu-100B"
+gradient_accumulation_steps = 16  # global over all ranks: global batch = batch_size x this x block_size
+batch_size = 30  # micro-batch per GPU
+block_size = 1024
+seed = 1337  # model init and data order
+# model: a row of model.SIZES and a mechanism; any GPTConfig field (n_head, q_rank, kv_shift, ...)
+# can be set too, and None means "the size table's value"
+size = "small"
+attn = "tpa"
+# AdamW (spec 3.1)
+learning_rate = 6e-4  # peak
+max_iters = 100000  # optimizer steps
+weight_decay = 0.1
+beta1 = 0.9
+beta2 = 0.95
+adam_eps = 1e-8
+grad_clip = 1.0  # on the global mean gradient; 0 disables
+decay_all = True  # paper: decay every parameter; False exempts 1-D parameters and the (tied) embedding
+# learning rate: linear warmup from 0, cosine to min_lr at lr_decay_iters, then min_lr
+warmup_iters = 2000
+lr_decay_iters = 100000
+min_lr = 3e-5
+# system
+device = "auto"  # auto (cuda if present), cuda, cuda:N, cpu, mps
+dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16, float32
+compile = True  # torch.compile the model (compile time is reported apart from step time)
+# -----------------------------------------------------------------------------
+MODEL_KEYS = {f.name: f.type for f in fields(GPTConfig) if f.name not in ("block_size", "attn")}
+try:
+    config = configure(globals(), sys.argv[1:], extra=MODEL_KEYS)
+except ValueError as e:
+    sys.exit(f"config error: {e}")
+globals().update(config)
+
+def get_lr(it):
+    """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (spec 3.1)."""
+    if it < warmup_iters:
+        return learning_rate * it / warmup_iters
+    if it >= lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def git_commit():
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, stderr=subprocess.DEVNULL).decode().strip()
+        dirty = subprocess.check_output(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here).decode().strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+# -- distributed setup --------------------------------------------------------------------------------
+ddp = int(os.environ.get("RANK", -1)) != -1
+if device == "auto":
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+if ddp:
+    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if device_type == "cuda":
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    flag_group = dist.new_group(backend="gloo")  # CPU collectives for the stop flag, no GPU sync
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+if gradient_accumulation_steps % world_size:
+    raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} is global and must be divisible by "
+                     f"the number of processes ({world_size}); e.g. --gradient_accumulation_steps="
+                     f"{max(world_size, gradient_accumulation_steps // world_size * world_size)}")
+micro_steps = gradient_accumulation_steps // world_size
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+if dtype == "auto":
+    if device_type == "cuda":
+        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    else:
+        dtype = "float32"
+ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+
+def print0(*args, **kwargs):
+    if master:
+        print(*args, **kwargs, flush=True)
+
+
+# -- model ----------------------------------------------------------------------------------------------
+model_overrides = {k: config[k] for k in MODEL_KEYS}
+resume_ckpt = None
+if init_from == "resume":
+    if not list_checkpoints(out_dir):
+        raise SystemExit(f"init_from='resume' but {out_dir!r} holds no checkpoint; start with init_from='scratch'")
+    resume_ckpt = load_checkpoint(out_dir)
+    mconf = GPTConfig(**resume_ckpt["model_config"])
+    asked = asdict(model_config(size, attn, block_size=block_size, **model_overrides))
+    if asked != asdict(mconf):
+        diff = {k: (v, asked[k]) for k, v in asdict(mconf).items() if asked[k] != v}
+        raise SystemExit(f"the checkpoint's model differs from this config ({{key: (checkpoint, config)}}: {diff}); "
+                         f"resume with the config the run started with")
+elif init_from == "scratch":
+    try:
+        mconf = model_config(size, attn, block_size=block_size, **model_overrides)
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+else:
+    raise SystemExit(f"init_from={init_from!r}: use 'scratch' or 'resume'")
+
+if dry_run:
+    with torch.device("meta"):
+        model = GPT(mconf)
+    print(json.dumps(dict(config=config, model=asdict(mconf)), indent=1))
+    print(f"parameters: {model.num_params():,} | KV cache per token: {model.kv_cache_elems_per_token():,} elements | "
+          f"training FLOPs per token: {model.flops_per_token(block_size):,} | tokens per iteration: {tokens_per_iter:,}")
+    sys.exit(0)
+
+torch.manual_seed(seed)
+model = GPT(mconf).to(device)
+raw_model = model
+
+if decay_all:
+    param_groups = [dict(params=list(model.parameters()), weight_decay=weight_decay)]
+else:
+    emb = model.transformer.wte.weight
+    decay = [p for p in model.parameters() if p.dim() >= 2 and p is not emb]
+    no_decay = [p for p in model.parameters() if p.dim() < 2 or p is emb]
+    param_groups = [dict(params=decay, weight_decay=weight_decay), dict(params=no_decay, weight_decay=0.0)]
+optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=(beta1, beta2), eps=adam_eps,
+                              fused=device_type == "cuda")
+scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
+
+train_loader = TrainLoader(data_dir, batch_size, block_size, rank, world_size, seed, device)
+val_set = ValSet(data_dir, block_size, eval_tokens)
+
+iter_num, tokens_seen, best_val_loss, wandb_id = 0, 0, float("inf"), None
+if resume_ckpt is not None:
+    model.load_state_dict(resume_ckpt["model"])
+    optimizer.load_state_dict(resume_ckpt["optimizer"])
+    scaler.load_state_dict(resume_ckpt["scaler"])
+    train_loader.load_state_dict(resume_ckpt["loader"])
+    iter_num, tokens_seen = resume_ckpt["iter_num"], resume_ckpt["tokens_seen"]
+    best_val_loss, wandb_id = resume_ckpt["best_val_loss"], resume_ckpt["meta"].get("wandb_id")
+    rng = resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world_size else resume_ckpt["rng"][0]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if device_type == "cuda" and rng.get("cuda") is not None:
+        torch.cuda.set_rng_state(rng["cuda"])
+    print0(f"resumed from {resume_ckpt['path']} at iteration {iter_num} ({tokens_seen:,} tokens)")
+    del resume_ckpt
+
+if compile:
+    model = torch.compile(model)
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+# -- logging -----------------------------------------------------------------------------------------------
+flops_per_token = raw_model.flops_per_token(block_size)
+device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or device_type
+peak = peak_flops(device_name, dtype) if device_type == "cuda" else None
+metrics_path = os.path.join(out_dir, "metrics.jsonl")
+meta = dict(git_commit=git_commit(), torch=torch.__version__, python=platform.python_version(),
+            device=device_name, world_size=world_size, dtype=dtype, wandb_id=wandb_id)
+if master:
+    os.makedirs(out_dir, exist_ok=True)
+    try:
+        import triton
+        meta["triton"] = triton.__version__
+    except ImportError:
+        pass
+    try:
+        meta["nvidia_smi"] = subprocess.check_output(["nvidia-smi"], stderr=subprocess.DEVNULL).decode()
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    header = dict(meta, argv=sys.argv, config=config, model_config=asdict(mconf), params=raw_model.num_params(),
+                  flops_per_token=flops_per_token, kv_cache_elems_per_token=raw_model.kv_cache_elems_per_token(),
+                  peak_flops_per_device=peak, start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    with open(os.path.join(out_dir, "header.json" if iter_num == 0 else f"header_resume_{iter_num:07d}.json"), "w") as f:
+        json.dump(header, f, indent=1)
+    # a resumed run rewrites the log from its checkpoint on, so the metrics match one uninterrupted run
+    kept = []
+    if iter_num > 0 and os.path.exists(metrics_path):
+        kept = [line for line in open(metrics_path) if json.loads(line)["iter"] <= iter_num]
+    with open(metrics_path, "w") as f:
+        f.writelines(kept)
+    print0(f"{raw_model.num_params():,} parameters | {attn} {size} | {world_size} x {device_name} | {dtype} | "
+           f"global batch {gradient_accumulation_steps} x {batch_size} x {block_size} = {tokens_per_iter:,} tokens | "
+           f"{micro_steps} micro-steps per rank | MFU peak {f'{peak / 1e12:.0f} TFLOP/s' if peak else 'unknown'}")
+    if peak is None and device_type == "cuda":
+        print0(f"warning: no peak FLOP/s known for {device_name!r}; MFU is not reported (add it to PEAK_FLOPS)")
+if wandb_log and master:
+    import wandb
+    run = wandb.init(project=wandb_project, name=wandb_run_name or os.path.basename(os.path.abspath(out_dir)),
+                     config=dict(config, model=asdict(mconf)), id=wandb_id, resume="allow")
+    meta["wandb_id"] = run.id
+
+
+def log(record):
+    if master:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if wandb_log:
+            wandb.log(record, step=record["iter"])
+
+
+@torch.no_grad()
+def evaluate():
+    """Mean loss over the fixed validation set, computed on all ranks and reduced."""
+    model.eval()
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # sum of window losses, windows
+    for x, y in val_set.batches(batch_size, rank, world_size, device):
+        n = x.size(0)
+        if n < batch_size:  # pad to a fixed shape (no recompilation); padded targets are ignored
+            x = torch.cat([x, x.new_zeros(batch_size - n, block_size)])
+            y = torch.cat([y, y.new_full((batch_size - n, block_size), -1)])
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
+    if ddp:
+        dist.all_reduce(total)
+    model.train()
+    return (total[0] / total[1]).item()
+
+
+def checkpoint(val_loss=None):
+    rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+               cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None)
+    rngs = [None] * world_size
+    if ddp:
+        dist.all_gather_object(rngs, rng, group=flag_group)
+    else:
+        rngs = [rng]
+    loader_state = train_loader.state_dict()  # one batch is prefetched: it is the next one to consume
+    if master:
+        state = dict(model=raw_model.state_dict(), model_config=asdict(mconf), config=config,
+                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
+                     tokens_seen=tokens_seen, best_val_loss=best_val_loss, val_loss=val_loss,
+                     loader=dict(loader_state, step=loader_state["step"] - 1), rng=rngs, meta=meta)
+        path = save_checkpoint(state, out_dir, keep_checkpoints)
+        print0(f"saved {path}")
+
+
+stop_signal = []  # preemption: SIGTERM / SIGINT save a checkpoint at the end of the current step
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+
+
+def stop_requested():
+    flag = torch.tensor([len(stop_signal)], dtype=torch.int32)
+    if ddp:
+        dist.all_reduce(flag, group=flag_group)
+    return flag.item() > 0
+
+
+# -- training loop -------------------------------------------------------------------------------------
+def flush_stats(final=False):
+    """Reduce the losses since the last call, stop on a non-finite one, log a line. Syncs the device."""
+    global losses, t_log, steps_timed
+    stats = torch.stack(losses)  # (steps, 2): loss, grad norm
+    if ddp:
+        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+    stats = stats.cpu()
+    bad = (~torch.isfinite(stats[:, 0])).nonzero()
+    if len(bad):
+        it = iter_num - len(losses) + 1 + bad[0, 0].item()
+        raise SystemExit(f"non-finite loss ({stats[bad[0, 0], 0].item()}) at iteration {it}: stopping without saving; "
+                         f"the last good checkpoint in {out_dir} is kept")
+    record = dict(iter=iter_num, loss=stats[-1, 0].item(), loss_avg=stats[:, 0].mean().item(), lr=lr,
+                  grad_norm=stats[-1, 1].item(), tokens=tokens_seen)
+    line = (f"iter {iter_num}/{max_iters} | loss {record['loss']:.4f} | lr {lr:.2e} | "
+            f"grad {record['grad_norm']:.3f}")
+    if steps_timed > 0:  # the first step (compilation) is not timed
+        dt = (time.time() - t_log) / steps_timed
+        record.update(dt_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt)
+        line += f" | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s"
+        if peak:
+            record["mfu"] = raw_model.estimate_mfu(tokens_per_iter / dt, peak * world_size, block_size)
+            line += f" | MFU {100 * record['mfu']:.1f}%"
+        line += f" | eta {(max_iters - iter_num) * dt / 3600:.2f}h"
+    if device_type == "cuda":
+        record["mem_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        line += f" | mem {record['mem_gib']:.1f} GiB"
+    log(record)
+    print0(line)
+    losses, t_log, steps_timed = [], time.time(), 0
+
+
+if iter_num == 0:
+    val_loss = evaluate()
+    print0(f"iter 0: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+    log(dict(iter=0, val_loss=val_loss, val_ppl=math.exp(val_loss), tokens=0))
+if iter_num >= max_iters:
+    print0(f"nothing to do: the run is at iteration {iter_num} and max_iters={max_iters}")
+x, y = train_loader.next_batch()
+losses = []  # per-step [loss, grad norm] on the device since the last log line: no sync per step
+t_log, steps_timed, first_step = time.time(), 0, True
+while iter_num < max_iters:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    step_loss = torch.zeros((), device=device)
+    t0 = time.time()
+    for micro_step in range(micro_steps):
+        sync = not ddp or micro_step == micro_steps - 1  # all-reduce gradients on the last micro-step only
+        with (nullcontext() if sync else model.no_sync()):
+            with autocast:
+                loss = model(x, y)[1] / micro_steps  # the mean over micro-steps, not the sum
+            x, y = train_loader.next_batch()  # prefetch while the device works
+            scaler.scale(loss).backward()
+        step_loss += loss.detach()
+    if grad_clip > 0:
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    else:
+        grad_norm = torch.zeros((), device=device)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    tokens_seen += tokens_per_iter
+    losses.append(torch.stack([step_loss.float(), grad_norm.float()]))
+    if first_step:  # compilation and warm-up happen here: reported apart from the step time
+        if device_type == "cuda":
+            torch.cuda.synchronize()
+        print0(f"first step (compilation and warm-up) took {time.time() - t0:.1f}s")
+        first_step, t_log = False, time.time()
+    else:
+        steps_timed += 1
+
+    last = iter_num == max_iters
+    evaluate_now = iter_num % eval_interval == 0 or last
+    if iter_num % log_interval == 0 or evaluate_now:
+        flush_stats()
+    if evaluate_now:
+        val_loss = evaluate()
+        best_val_loss = min(best_val_loss, val_loss)
+        print0(f"iter {iter_num}: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
+        log(dict(iter=iter_num, val_loss=val_loss, val_ppl=math.exp(val_loss), tokens=tokens_seen))
+        checkpoint(val_loss)
+        t_log = time.time()  # evaluation and saving are not step time
+    if stop_requested():
+        if not evaluate_now:
+            if losses:
+                flush_stats()
+            print0(f"stop signal: saving a checkpoint at iteration {iter_num}")
+            checkpoint()
+        break
+
+if ddp:
+    dist.destroy_process_group()
