@@ -12,6 +12,8 @@ if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+if not torch.cuda.is_available():  # run Triton kernels in the interpreter (set before triton is imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,272 @@
+"""
+FlashTPA decoding: attention of N new query tokens over a TPA factor cache, never materialising K or V.
+
+    out = flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None)
+
+Shapes (logical; any strides):
+    aq (B, N, H, Rq), bq (B, N, Rq, D)   query factors, bq already rotated by RoPE
+    ak (B, M, H, Rk), bk (B, M, Rk, D)   key factors, bk already rotated
+    av (B, M, H, Rv), bv (B, M, Rv, E)   value factors
+    seqlens (B,) int                     valid cache length per sequence (default M); the N queries are
+                                         the last N positions of each sequence and attend causally
+    returns (B, N, H, E) = softmax(q k^T * softmax_scale) v, softmax_scale = D^-0.5 by default, with
+        q = (1/Rq) sum_r aq_r (x) bq_r,  k = (1/Rk) sum_r ak_r (x) bk_r,  v = (1/Rv) sum_r av_r (x) bv_r
+    exactly as model.TPA defines them (spec 1.2).
+
+Preferred cache layout: the one model.TPA writes, (B, M, H, R) for A and (B, M, R, D) for B, each
+contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A.
+
+Algorithm (spec 5.2, Algorithm 2, with a flash-decoding split over the cache): a program owns one
+sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms the rows'
+queries q = (1/Rq) A_Q^T B_Q once, then for each block of BLOCK_M cache positions computes
+q . b_K,s on the tensor cores for every key rank s, weights it by a_K,s, and folds the block into an
+online softmax with the block's own running maximum (no per-block normalisation, so a block that
+underflows contributes 0 instead of 0/0), and accumulates (p * a_V,u) @ b_V,u. Partial outputs and
+log-sum-exps are kept in fp32 and combined by a second kernel with the max-LSE rule. The cache
+length is a runtime value, never a compile-time constant or autotune key: the grid grows with M,
+programs past a sequence's length exit at once, and nothing syncs with the host, so a decode step
+can be captured in a CUDA graph.
+
+flashtpa_decode_ref (materialised q/k/v) and flashtpa_decode_einsum (factor space, spec 5.1) are the
+PyTorch references with the same signature; flashtpa_decode falls back to the first off CUDA.
+"""
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+    HAS_TRITON = True
+except ImportError:  # the references still work
+    HAS_TRITON = False
+
+
+# -----------------------------------------------------------------------------
+# PyTorch references
+
+
+def _check(aq, bq, ak, bk, av, bv, seqlens):
+    B, N, H, Rq = aq.shape
+    D, (M, Rk), Rv, E = bq.shape[-1], ak.shape[1::2], av.shape[-1], bv.shape[-1]
+    expected = dict(aq=(B, N, H, Rq), bq=(B, N, Rq, D), ak=(B, M, H, Rk), bk=(B, M, Rk, D),
+                    av=(B, M, H, Rv), bv=(B, M, Rv, E))
+    for name, t in zip(expected, (aq, bq, ak, bk, av, bv)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"flashtpa_decode: {name} has shape {tuple(t.shape)}, expected {expected[name]} "
+                             f"(aq (B,N,H,Rq), bq (B,N,Rq,D), ak (B,M,H,Rk), bk (B,M,Rk,D), av (B,M,H,Rv), bv (B,M,Rv,E))")
+    if N > M:
+        raise ValueError(f"flashtpa_decode: N={N} query tokens but a cache of only M={M} positions")
+    if seqlens is not None and tuple(seqlens.shape) != (B,):
+        raise ValueError(f"flashtpa_decode: seqlens has shape {tuple(seqlens.shape)}, expected ({B},)")
+    return B, N, H, M, Rq, Rk, Rv, D, E
+
+
+def _mask(B, N, M, seqlens, device):
+    """(B, N, M) bool: key m visible to query n, which sits at position seqlens - N + n."""
+    L = torch.full((B,), M, device=device) if seqlens is None else seqlens.to(device=device, dtype=torch.long)
+    pos = L[:, None] - N + torch.arange(N, device=device)  # (B, N)
+    return torch.arange(M, device=device)[None, None, :] <= pos[:, :, None]
+
+
+def flashtpa_decode_ref(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None):
+    """Materialise q, k, v (spec 1.2), then masked softmax attention, in the inputs' precision."""
+    B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    q = torch.matmul(aq, bq) / Rq  # (B, N, H, D)
+    k = torch.matmul(ak, bk) / Rk  # (B, M, H, D)
+    v = torch.matmul(av, bv) / Rv  # (B, M, H, E)
+    s = torch.einsum("bnhd,bmhd->bhnm", q, k) * scale
+    s = s.masked_fill(~_mask(B, N, M, seqlens, s.device)[:, None], float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(v.dtype)
+    return torch.einsum("bhnm,bmhe->bnhe", p, v)
+
+
+def flashtpa_decode_einsum(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None):
+    """Factor space (spec 5.1, Algorithm 1): head-shared feature products, then the head factors."""
+    B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    P = torch.einsum("bnrd,bmsd->bnmrs", bq, bk)  # shared by all heads
+    s = torch.einsum("bnhr,bmhs,bnmrs->bhnm", aq, ak, P) * (scale / (Rq * Rk))
+    s = s.masked_fill(~_mask(B, N, M, seqlens, s.device)[:, None], float("-inf"))
+    p = torch.softmax(s.float(), dim=-1).to(av.dtype)
+    return torch.einsum("bhnm,bmhu,bmue->bnhe", p, av, bv) / Rv
+
+
+# -----------------------------------------------------------------------------
+# Triton kernels
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _flashtpa_decode_kernel(
+        aq_ptr, bq_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, seqlens_ptr, out_ptr, lse_ptr,
+        s_aq_b, s_aq_n, s_aq_h, s_aq_r, s_bq_b, s_bq_n, s_bq_r, s_bq_d,
+        s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+        s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e,
+        s_o_b, s_o_split, s_o_row, s_o_e, s_l_b, s_l_split,
+        N, H, M, blocks_per_split, qk_scale,
+        RQ: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+        BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr,
+    ):
+        split = tl.program_id(0)
+        row_block = tl.program_id(1)
+        b = tl.program_id(2).to(tl.int64)
+        L = tl.load(seqlens_ptr + b).to(tl.int32) if HAS_SEQLENS else M
+        rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)  # (query, head) pairs: row = n * H + h
+        row_ok = rows < N * H
+        n = rows // H
+        h = rows % H
+        pos = L - N + n  # the query's position: it sees keys 0..pos
+        offs_d = tl.arange(0, BLOCK_D)
+        offs_e = tl.arange(0, BLOCK_E)
+        dt = bk_ptr.dtype.element_ty
+
+        # -- q = (1/Rq) A_Q^T B_Q for this block's rows; the softmax scale (in log2 units) and 1/Rk folded in
+        q = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
+        for r in tl.static_range(RQ):
+            a = tl.load(aq_ptr + b * s_aq_b + n * s_aq_n + h * s_aq_h + r * s_aq_r, mask=row_ok, other=0.0)
+            bq = tl.load(bq_ptr + b * s_bq_b + n[:, None] * s_bq_n + r * s_bq_r + offs_d[None, :] * s_bq_d,
+                         mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+            q += a.to(tl.float32)[:, None] * bq.to(tl.float32)
+        q = (q * qk_scale).to(dt)
+
+        m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_ROWS, BLOCK_E), dtype=tl.float32)
+        start = split * blocks_per_split * BLOCK_M
+        end = tl.minimum(start + blocks_per_split * BLOCK_M, L)
+        for m0 in range(start, end, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < end
+            # -- logits: sum_s a_K,s * (q . b_K,s)
+            s_log2 = tl.zeros((BLOCK_ROWS, BLOCK_M), dtype=tl.float32)
+            for s in tl.static_range(RK):
+                bk = tl.load(bk_ptr + b * s_bk_b + offs_m[:, None] * s_bk_m + s * s_bk_r + offs_d[None, :] * s_bk_d,
+                             mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+                if IEEE:
+                    qk = tl.dot(q, tl.trans(bk), input_precision="ieee")
+                else:
+                    qk = tl.dot(q, tl.trans(bk))
+                ak = tl.load(ak_ptr + b * s_ak_b + offs_m[None, :] * s_ak_m + h[:, None] * s_ak_h + s * s_ak_r,
+                             mask=row_ok[:, None] & m_ok[None, :], other=0.0)
+                s_log2 += qk * ak.to(tl.float32)
+            visible = m_ok[None, :] & (offs_m[None, :] <= pos[:, None])
+            s_log2 = tl.where(visible, s_log2, float("-inf"))
+            # -- online softmax with the running max: a block far below it adds exp2(-big) = 0, never 0/0
+            m_new = tl.maximum(m_i, tl.max(s_log2, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s_log2 - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None]
+            # -- values: sum_u (p * a_V,u) @ b_V,u
+            for u in tl.static_range(RV):
+                av = tl.load(av_ptr + b * s_av_b + offs_m[None, :] * s_av_m + h[:, None] * s_av_h + u * s_av_r,
+                             mask=row_ok[:, None] & m_ok[None, :], other=0.0)
+                bv = tl.load(bv_ptr + b * s_bv_b + offs_m[:, None] * s_bv_m + u * s_bv_r + offs_e[None, :] * s_bv_e,
+                             mask=m_ok[:, None] & (offs_e[None, :] < E), other=0.0)
+                pv = (p * av.to(tl.float32)).to(dt)
+                if IEEE:
+                    acc += tl.dot(pv, bv, input_precision="ieee")
+                else:
+                    acc += tl.dot(pv, bv)
+            m_i = m_new
+
+        # -- normalised partial output and its log-sum-exp (natural log), both fp32
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        out = acc / (l_safe[:, None] * RV)
+        lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+        o_ptrs = out_ptr + b * s_o_b + split * s_o_split + rows[:, None] * s_o_row + offs_e[None, :] * s_o_e
+        tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (offs_e[None, :] < E))
+        tl.store(lse_ptr + b * s_l_b + split * s_l_split + rows, lse, mask=row_ok)
+
+    @triton.jit
+    def _flashtpa_combine_kernel(part_ptr, lse_ptr, out_ptr, n_splits, n_rows,
+                                 s_p_b, s_p_split, s_p_row, s_l_b, s_l_split, s_o_b, s_o_row,
+                                 E: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
+        row_block = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+        row_ok = rows < n_rows
+        offs_e = tl.arange(0, BLOCK_E)
+        ok = row_ok[:, None] & (offs_e[None, :] < E)
+        # max-LSE rule: weights exp(lse_i - max lse) <= 1; splits with no visible key have lse = -inf
+        m = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
+        for i in range(n_splits):
+            m = tl.maximum(m, tl.load(lse_ptr + b * s_l_b + i * s_l_split + rows, mask=row_ok, other=float("-inf")))
+        m = tl.where(m == float("-inf"), 0.0, m)
+        den = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_ROWS, BLOCK_E), dtype=tl.float32)
+        for i in range(n_splits):
+            w = tl.exp(tl.load(lse_ptr + b * s_l_b + i * s_l_split + rows, mask=row_ok, other=float("-inf")) - m)
+            part = tl.load(part_ptr + b * s_p_b + i * s_p_split + rows[:, None] * s_p_row + offs_e[None, :], mask=ok, other=0.0)
+            den += w
+            acc += w[:, None] * part
+        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
+        tl.store(out_ptr + b * s_o_b + rows[:, None] * s_o_row + offs_e[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+_SM_COUNT = {}
+
+
+def _num_sms(device):
+    if device.type != "cuda":
+        return 8
+    if device.index not in _SM_COUNT:
+        _SM_COUNT[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SM_COUNT[device.index]
+
+
+def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None):
+    """The Triton path; block_m and num_splits override the heuristics (for benchmarks)."""
+    B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
+    dev = bk.device
+    scale = D ** -0.5 if softmax_scale is None else softmax_scale
+    n_rows = N * H
+    BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
+    row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
+    BLOCK_M = block_m or (64 if BLOCK_ROWS <= 32 else 32)
+    n_blocks = triton.cdiv(M, BLOCK_M)
+    if num_splits is None:  # enough programs to fill the GPU twice; M sets the grid, never the compiled code
+        num_splits = max(1, min(n_blocks, triton.cdiv(2 * _num_sms(dev), B * row_blocks)))
+    blocks_per_split = triton.cdiv(n_blocks, num_splits)
+    num_splits = triton.cdiv(n_blocks, blocks_per_split)
+    out = torch.empty(B, N, H, E, device=dev, dtype=bv.dtype)
+    single = num_splits == 1
+    part = out.view(B, 1, n_rows, E) if single else torch.empty(B, num_splits, n_rows, E, device=dev, dtype=torch.float32)
+    lse = torch.empty(B, num_splits, n_rows, device=dev, dtype=torch.float32)
+    seq = seqlens if seqlens is not None else lse  # a dummy pointer when HAS_SEQLENS is False
+    _flashtpa_decode_kernel[(num_splits, row_blocks, B)](
+        aq, bq, ak, bk, av, bv, seq, part, lse,
+        *aq.stride(), *bq.stride(), *ak.stride(), *bk.stride(), *av.stride(), *bv.stride(),
+        part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
+        N, H, M, blocks_per_split, scale * math.log2(math.e) / (Rq * Rk),
+        RQ=Rq, RK=Rk, RV=Rv, D=D, E=E, BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M,
+        BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
+        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32,
+        num_warps=4, num_stages=3,
+    )
+    if not single:
+        _flashtpa_combine_kernel[(triton.cdiv(n_rows, 32), B)](
+            part, lse, out, num_splits, n_rows, part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_ROWS=32, BLOCK_E=triton.next_power_of_2(E),
+            num_warps=4,
+        )
+    return out
+
+
+def flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, impl=None):
+    """FlashTPA decode (see the module docstring). impl: None (Triton on CUDA, else the reference),
+    "triton" or "ref"."""
+    if impl is None:
+        impl = "triton" if HAS_TRITON and bk.is_cuda else "ref"
+    if impl == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError("flashtpa_decode(impl='triton') needs the triton package")
+        return flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
+    if impl == "ref":
+        return flashtpa_decode_ref(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
+    raise ValueError(f"impl={impl!r}: use None, 'triton' or 'ref'")

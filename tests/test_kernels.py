@@ -1,0 +1,120 @@
+"""FlashTPA decode: the Triton kernel (interpreter on CPU) and both PyTorch references against fp64.
+
+Tolerance in FlashAttention's style: max|kernel - ref_fp64| <= 2 * max|ref_same_precision - ref_fp64| + atol.
+bf16 is checked on the GPU by scripts/bench_decode.py (the interpreter emulates bf16 wrongly).
+"""
+
+import math
+
+import pytest
+import torch
+
+from kernels import flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
+from kernels.flashtpa import HAS_TRITON, flashtpa_decode_triton
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def factors(B, N, M, H, Rq, Rk, Rv, D, E, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    return [r(B, N, H, Rq), r(B, N, Rq, D), r(B, M, H, Rk), r(B, M, Rk, D), r(B, M, H, Rv), r(B, M, Rv, E)]
+
+
+def check(t64, seqlens, dtype, atol, **kw):
+    ref64 = flashtpa_decode_ref(*t64, seqlens=seqlens)
+    low = [x.to(dtype).to(DEVICE) for x in t64]
+    seq = None if seqlens is None else seqlens.to(DEVICE)
+    out = flashtpa_decode_triton(*low, seqlens=seq, **kw).double().cpu()
+    assert out.shape == ref64.shape and torch.isfinite(out).all()
+    ref_low = flashtpa_decode_ref(*low, seqlens=seq).double().cpu()
+    err, ref_err = (out - ref64).abs().max().item(), (ref_low - ref64).abs().max().item()
+    assert err <= 2 * ref_err + atol, f"kernel error {err:.3g} > 2 x reference error {ref_err:.3g} + {atol}"
+    return out
+
+
+CASES = [  # B, N, M, H, (Rq, Rk, Rv), D, E, ragged
+    (2, 1, 1, 34, (6, 2, 2), 64, 64, False),
+    (2, 1, 127, 34, (6, 2, 2), 64, 64, True),
+    (1, 1, 339, 34, (16, 1, 1), 64, 64, False),
+    (3, 4, 339, 34, (16, 1, 1), 64, 64, True),
+    (2, 2, 1000, 34, (6, 2, 2), 64, 64, True),
+    (1, 16, 200, 47, (6, 2, 2), 64, 64, True),
+    (2, 1, 130, 5, (3, 3, 1), 128, 64, True),
+    (1, 3, 77, 61, (1, 1, 1), 64, 128, False),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}N{c[1]}M{c[2]}H{c[3]}R{''.join(map(str, c[4]))}D{c[5]}E{c[6]}" for c in CASES])
+def test_kernel_matches_reference(case, dtype):
+    B, N, M, H, (Rq, Rk, Rv), D, E, ragged = case
+    t = factors(B, N, M, H, Rq, Rk, Rv, D, E)
+    seqlens = torch.tensor([max(N, M - 37 * i) for i in range(B)]) if ragged else None
+    check(t, seqlens, dtype, atol=1e-6 if dtype == torch.float32 else 1e-4)
+
+
+@needs_triton
+def test_any_strides_and_splits():
+    B, N, M, H, Rq, Rk, Rv, D = 2, 2, 150, 12, 4, 2, 2, 64
+    t = factors(B, N, M, H, Rq, Rk, Rv, D, D, seed=3)
+    # rank-major A factors and a cache larger than M, viewed through slices: nothing is contiguous
+    ak = torch.randn(B, M + 9, Rk, H, dtype=torch.float64)[:, :M].transpose(2, 3)
+    bv = torch.randn(B, M, D, Rv, dtype=torch.float64).transpose(2, 3)
+    t[2], t[5] = ak, bv
+    assert not ak.is_contiguous() and not bv.is_contiguous()
+    for splits in (1, 3, 10):
+        check(t, torch.tensor([150, 90]), torch.float32, atol=1e-6, num_splits=splits, block_m=16)
+
+
+def logit_controlled(M, logits, H=4, D=16):
+    """Factors whose logits (after the 1/sqrt(D) scale) are exactly `logits` (M,) for every head."""
+    aq, bq = torch.ones(1, 1, H, 1, dtype=torch.float64), torch.zeros(1, 1, 1, D, dtype=torch.float64)
+    bq[..., 0] = 1.0
+    ak, bk = torch.ones(1, M, H, 1, dtype=torch.float64), torch.zeros(1, M, 1, D, dtype=torch.float64)
+    bk[0, :, 0, 0] = logits * math.sqrt(D)
+    av, bv = torch.ones(1, M, H, 1, dtype=torch.float64), torch.randn(1, M, 1, D, dtype=torch.float64)
+    return [aq, bq, ak, bk, av, bv]
+
+
+@needs_triton
+@pytest.mark.parametrize("gap", [50.0, 95.0, 200.0])
+def test_official_failure_cases(gap):
+    """Spec 6.2: LSE gaps > 90 between splits (min-LSE reduce), a whole block underflowing (0/0), ragged M."""
+    M = 100  # not a multiple of the 16-wide blocks
+    logits = torch.zeros(M, dtype=torch.float64)
+    logits[:40] = gap  # split 0 dominates split 1 by `gap`
+    out = check(logit_controlled(M, logits), None, torch.float32, atol=1e-6, num_splits=2, block_m=16)
+    # and inside one split: a high block, a block `gap` lower (it underflows in fp32), a high block
+    logits = torch.zeros(M, dtype=torch.float64)
+    logits[:16], logits[32:48] = gap, gap
+    check(logit_controlled(M, logits), None, torch.float32, atol=1e-6, num_splits=1, block_m=16)
+    assert torch.isfinite(out).all()
+
+
+def test_references_agree_and_dispatch():
+    t = factors(2, 3, 57, 7, 5, 2, 3, 32, 16, seed=1)
+    seq = torch.tensor([57, 20])
+    a = flashtpa_decode_ref(*t, seqlens=seq)
+    torch.testing.assert_close(flashtpa_decode_einsum(*t, seqlens=seq), a, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flashtpa_decode(*t, seqlens=seq), a)  # CPU tensors: the reference
+    # against plain causal attention on the materialised q, k, v
+    aq, bq, ak, bk, av, bv = t
+    q, k, v = (aq @ bq) / 5, (ak @ bk) / 2, (av @ bv) / 3
+    for b, L in enumerate(seq.tolist()):
+        qb, kb, vb = q[b].transpose(0, 1), k[b, :L].transpose(0, 1), v[b, :L].transpose(0, 1)  # (H, *, D)
+        mask = torch.arange(L)[None, :] <= (L - 3 + torch.arange(3))[:, None]
+        sdpa = torch.nn.functional.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+        torch.testing.assert_close(a[b], sdpa.transpose(0, 1))
+
+
+def test_shape_errors():
+    t = factors(1, 1, 8, 4, 2, 2, 2, 16, 16)
+    with pytest.raises(ValueError, match="bk has shape \\(1, 8, 3, 16\\), expected \\(1, 8, 2, 16\\)"):
+        flashtpa_decode(t[0], t[1], t[2], torch.zeros(1, 8, 3, 16, dtype=torch.float64), t[4], t[5])
+    with pytest.raises(ValueError, match="seqlens has shape"):
+        flashtpa_decode(*t, seqlens=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        flashtpa_decode(*t, impl="cuda")
