@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels import HAS_TRITON, flashtpa_decode
+
 
 # -----------------------------------------------------------------------------
 # configuration
@@ -207,8 +209,10 @@ class Attention(nn.Module):
 
     Interface of every mechanism:
       forward(x, rope, cache=None) -> (B, T, C); x is the normalised input (B, T, C), rope maps a rotary
-        dimension to (cos, sin) of the positions of x, each (B|1, T, 1, dim/2); cache is a LayerCache
-        (see KVCache) or None for a plain causal pass.
+        dimension to (cos, sin) of the positions of x, each (B|1, T, 1, dim/2); cache is None for a plain
+        causal pass, or a LayerCache: the new tokens' entries are written to it, then the queries attend
+        to everything cached (or, for a prefill into an empty cache, to the new tokens only).
+      cache_spec() -> {name: per-token shape} of what the decode cache holds for this layer.
       kv_cache_elems_per_token() -> elements cached per token in this layer.
       attn_flops_per_token(T) -> forward FLOPs per token that are not weight matmuls, averaged over a
         causal sequence of length T.
@@ -226,15 +230,14 @@ class Attention(nn.Module):
         """k, v: (B, T, H, *), rotated. Mix each token with the previous one (zeros before the first)."""
         a = torch.sigmoid(self.shift).to(k.dtype)  # (2, H)
         ak, av = a[0].view(1, 1, -1, 1), a[1].view(1, 1, -1, 1)
-        k = ak * k + (1 - ak) * F.pad(k, (0, 0, 0, 0, 1, 0))[:, :-1]
-        v = av * v + (1 - av) * F.pad(v, (0, 0, 0, 0, 1, 0))[:, :-1]
-        return k, v
+        return ak * k + (1 - ak) * shift_right(k), av * v + (1 - av) * shift_right(v)
 
-    def attend(self, q, k, v, scale=None):
-        """Causal SDPA. q (B, T, H, D), k (B, T, Hkv, D), v (B, T, Hkv, E) -> (B, T, H, E)."""
+    def attend(self, q, k, v, scale=None, mask=None):
+        """SDPA, causal or with a (B, T, M) bool mask. q (B, T, H, D), k (B, M, Hkv, D), v (B, M, Hkv, E)."""
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           is_causal=True, scale=scale, enable_gqa=k.size(2) != q.size(2))
-        return y.transpose(1, 2)
+                                           attn_mask=None if mask is None else mask[:, None],
+                                           is_causal=mask is None, scale=scale, enable_gqa=k.size(2) != q.size(2))
+        return y.transpose(1, 2)  # (B, T, H, E)
 
     def output(self, y, x):
         """y (B, T, H, E) -> (B, T, C), with the output gate computed from the attention input x."""
@@ -242,13 +245,21 @@ class Attention(nn.Module):
             y = y * torch.sigmoid(self.gate(x)).unsqueeze(-1)
         return self.c_proj(y.flatten(2))
 
+    def kv_cache_elems_per_token(self):
+        return sum(math.prod(shape) for shape in self.cache_spec().values())
+
     def attn_core_flops(self, T, d_qk, d_v):
         # QK^T and PV, 2 FLOPs per multiply-add, each query attends to (T+1)/2 keys on average
         return self.n_head * (d_qk + d_v) * (T + 1)
 
 
+def shift_right(t):
+    """(B, T, ...) -> the previous token's entry at every position, zeros at the first."""
+    return torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1)
+
+
 class GQA(Attention):
-    """Grouped-query attention; MHA is n_kv_head = n_head, MQA is n_kv_head = 1.
+    """Grouped-query attention; MHA is n_kv_head = n_head, MQA is n_kv_head = 1. Caches rotated K and V.
 
         n_kv_head = n_head (MHA)    n_kv_head = 2 (GQA)     n_kv_head = 1 (MQA)
         q: |1|2|3|4|                |1|2|3|4|               |1|2|3|4|
@@ -261,6 +272,9 @@ class GQA(Attention):
         self.rope_dim = config.head_dim
         self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
 
+    def cache_spec(self):
+        return {"k": (self.n_kv_head, self.head_dim), "v": (self.n_kv_head, self.head_dim)}
+
     def forward(self, x, rope, cache=None):
         B, T, _ = x.shape
         H, G, D = self.n_head, self.n_kv_head, self.head_dim
@@ -268,12 +282,14 @@ class GQA(Attention):
         q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
         cos, sin = rope[self.rope_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
+        if cache is not None:
+            cache.write(k=k, v=v)
+            if not cache.fresh:
+                k, v, mask = cache.read("k"), cache.read("v"), cache.mask
         if self.shift is not None:
             k, v = self.kv_shift(k, v)
-        return self.output(self.attend(q, k, v), x)
-
-    def kv_cache_elems_per_token(self):
-        return 2 * self.n_kv_head * self.head_dim
+        return self.output(self.attend(q, k, v, mask=mask), x)
 
     def attn_flops_per_token(self, T):
         return self.attn_core_flops(T, self.head_dim, self.head_dim)
@@ -284,7 +300,8 @@ class MLA(Attention):
 
     q = W_qb RMSNorm(W_qa x) (or W_q x if q_lora_rank = 0), split per head into q_nope (D) and q_pe (dR);
     [c_kv, k_pe] = W_kva x; k_nope, v = W_kvb RMSNorm(c_kv) per head; k_pe is one RoPE key shared by all
-    heads. Softmax scale 1/sqrt(D + dR). The decode cache holds RMSNorm(c_kv) and the rotated k_pe.
+    heads. Softmax scale 1/sqrt(D + dR). The cache holds RMSNorm(c_kv) and the rotated k_pe; decoding
+    absorbs W_kvb into the query and the output (DeepSeek-V2/V3), so K and V are never formed.
     """
 
     def __init__(self, config):
@@ -304,27 +321,44 @@ class MLA(Attention):
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (config.head_dim + config.v_head_dim), bias=False)
         self.scale = qk_dim ** -0.5
 
-    def project_q(self, x):
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
-        return q.view(*x.shape[:2], self.n_head, self.head_dim + self.rope_dim)  # (B, T, H, D + dR)
+    def cache_spec(self):
+        return {"c_kv": (self.kv_lora_rank,), "k_pe": (self.rope_dim,)}
 
     def forward(self, x, rope, cache=None):
         B, T, _ = x.shape
         H, D, dR = self.n_head, self.head_dim, self.rope_dim
         cos, sin = rope[dR]
-        q_nope, q_pe = self.project_q(x).split([D, dR], dim=-1)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank > 0 else self.q_proj(x)
+        q_nope, q_pe = q.view(B, T, H, D + dR).split([D, dR], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin)
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, dR], dim=-1)
-        k_pe = apply_rope(k_pe.view(B, T, 1, dR), cos, sin)  # (B, T, 1, dR), shared by the heads
-        kv = self.kv_b_proj(self.kv_a_layernorm(c_kv)).view(B, T, H, D + self.v_dim)
-        k_nope, v = kv.split([D, self.v_dim], dim=-1)
-        q = torch.cat([q_nope, apply_rope(q_pe, cos, sin)], dim=-1)  # (B, T, H, D + dR)
-        k = torch.cat([k_nope, k_pe.expand(B, T, H, dR)], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (B, T, dc)
+        k_pe = apply_rope(k_pe.view(B, T, 1, dR), cos, sin).view(B, T, dR)  # one key shared by the heads
+        mask = None
+        if cache is not None:
+            cache.write(c_kv=c_kv, k_pe=k_pe)
+            if not cache.fresh:
+                c_kv, k_pe, mask = cache.read("c_kv"), cache.read("k_pe"), cache.mask
+                if cache.mla_absorb and self.shift is None:
+                    return self.output(self.absorbed(q_nope, q_pe, c_kv, k_pe, mask), x)
+        M = c_kv.size(1)
+        k_nope, v = self.kv_b_proj(c_kv).view(B, M, H, D + self.v_dim).split([D, self.v_dim], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None].expand(B, M, H, dR)], dim=-1)  # (B, M, H, D + dR)
         if self.shift is not None:
             k, v = self.kv_shift(k, v)
-        return self.output(self.attend(q, k, v, scale=self.scale), x)
+        return self.output(self.attend(torch.cat([q_nope, q_pe], dim=-1), k, v, scale=self.scale, mask=mask), x)
 
-    def kv_cache_elems_per_token(self):
-        return self.kv_lora_rank + self.rope_dim
+    def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Attention in the latent space: q_nope W_uk . c_kv + q_pe . k_pe, then (p c_kv) W_uv.
+
+        Written as multi-query attention with one (dc + dR)-dim key head and a dc-dim value head.
+        """
+        H, D = self.n_head, self.head_dim
+        W = self.kv_b_proj.weight.view(H, D + self.v_dim, self.kv_lora_rank)  # rows: k_nope then v, per head
+        q = torch.cat([torch.einsum("bthd,hdc->bthc", q_nope, W[:, :D]), q_pe], dim=-1)  # (B, T, H, dc + dR)
+        k = torch.cat([c_kv, k_pe], dim=-1)[:, :, None]  # (B, M, 1, dc + dR)
+        o = self.attend(q, k, c_kv[:, :, None], scale=self.scale, mask=mask)  # (B, T, H, dc)
+        return torch.einsum("bthc,hec->bthe", o, W[:, D:])  # (B, T, H, E)
 
     def attn_flops_per_token(self, T):
         return self.attn_core_flops(T, self.head_dim + self.rope_dim, self.v_dim)
@@ -341,6 +375,8 @@ class TPA(Attention):
     Variants: tpa_const_a / tpa_const_b replace A / B by learned constants (cache (R_K+R_V) D or
     (R_K+R_V) H per token); tpa_shared_b uses K's unrotated B factor for V; tpa_order=3 writes
     B = b (x) c with b in R^db (rotated by a db-dimensional RoPE) and c in R^dc (App. C, Theorem C.1).
+    The cache holds the contextual factors ("pieces": ak, bk, [ck,] av, bv, [cv]); decoding reassembles
+    A and B and calls FlashTPA (kernels/flashtpa.py) on CUDA, its PyTorch reference elsewhere.
     """
 
     def __init__(self, config):
@@ -378,55 +414,86 @@ class TPA(Attention):
             self.b_const = nn.ParameterDict({n: nn.Parameter(torch.empty(self.ranks[n], D).uniform_(-3 ** 0.5, 3 ** 0.5))
                                              for n in self.factored})
 
-    def factors(self, x, rope):
-        """x (B, T, C) -> (q or None, {n: (A (B|1, T|1, H, R), B (B|1, T|1, R, D))}), B_Q and B_K rotated."""
-        B, T, _ = x.shape
+    def cache_spec(self):
         H = self.n_head
-        p = dict(zip(self.names, self.c_fact(x).split(self.sizes, dim=-1)))
+        return {name: (H, self.ranks[name[1]]) if name[0] == "a" else (self.ranks[name[1]], self.fdims["bc".index(name[0])])
+                for name in self.names if name[1:] in ("k", "v")}
+
+    def pieces(self, x, rope):
+        """x (B, T, C) -> (q (B, T, H, D) for tpa_kvonly else None, {name: contextual factor}).
+
+        Factors: a* (B, T, H, R), b* (B, T, R, db or D), c* (B, T, R, dc); b of q and k rotated, except K's
+        shared b (it also serves V, so it is rotated when assembled).
+        """
+        B, T, _ = x.shape
+        p = {}
+        for name, t in zip(self.names, self.c_fact(x).split(self.sizes, dim=-1)):
+            R = self.ranks.get(name[1:], 1)
+            p[name] = t.view(B, T, self.n_head, R) if name[0] == "a" else t.view(B, T, R, -1)
         cos, sin = rope[self.rope_dim]
+        for name in ("bq", "bk"):
+            if name in p and not (name == "bk" and self.shared_b):
+                p[name] = apply_rope(p[name], cos, sin)
         q = None
         if not self.factor_q:  # rotated as (H * D / rope_dim) blocks: the same rotation as B_K (third order too)
-            q = apply_rope(p["q"].view(B, T, -1, self.rope_dim), cos, sin).view(B, T, H, self.head_dim)
-        fac = {}
-        for n in self.factored:
-            R = self.ranks[n]
-            a = self.a_const[n].view(1, 1, H, R) if self.const_a else p["a" + n].view(B, T, H, R)
-            if self.const_b:
-                b = self.b_const[n].view(1, 1, R, self.head_dim)
-            else:
-                b = p["bk" if self.shared_b and n == "v" else "b" + n].view(B, T, R, self.fdims[0])
+            q = apply_rope(p.pop("q").view(B, T, -1, self.rope_dim), cos, sin).view(B, T, self.n_head, self.head_dim)
+        return q, p
+
+    def assemble(self, p, n, rope):
+        """Factors of n in {q, k, v}: A (B|1, T|1, H, R), B (B|1, T|1, R, D); rope: positions of p."""
+        R = self.ranks[n]
+        a = self.a_const[n].view(1, 1, self.n_head, R) if self.const_a else p["a" + n]
+        if self.const_b or (self.shared_b and n != "q"):
+            b = self.b_const[n].view(1, 1, R, self.head_dim) if self.const_b else p["bk"]
             if n != "v":
-                b = apply_rope(b, cos, sin)
-            if len(self.fdims) == 2:  # third order: vec(b (x) c), b fastest: index = i_c * db + i_b
-                c = p["c" + n].view(B, T, R, self.fdims[1])
-                b = (c.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
-            fac[n] = (a, b)
-        return q, fac
+                b = apply_rope(b, *rope)
+        else:
+            b = p["b" + n]
+        if len(self.fdims) == 2:  # third order: vec(b (x) c), b fastest: index = i_c * db + i_b
+            b = (p["c" + n].unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)
+        return a, b
 
     def materialize(self, a, b, n):
         """(1/R) A^T B per token: (B, T, H, R) x (B, T, R, D) -> (B, T, H, D)."""
         return torch.matmul(a, b) * (1.0 / self.ranks[n])
 
     def forward(self, x, rope, cache=None):
-        q, fac = self.factors(x, rope)
         B, T, _ = x.shape
+        q, p = self.pieces(x, rope)
+        rope_x = rope[self.rope_dim]
+        if cache is not None:
+            cache.write(**{name: p[name] for name in self.cache_spec()})
+            if not cache.fresh:
+                kv = {name: cache.read(name) for name in self.cache_spec()}
+                return self.output(self.decode(q, p, kv, rope_x, cache), x)
         if q is None:
-            q = self.materialize(*fac["q"], "q")
-        k = self.materialize(*fac["k"], "k").expand(B, T, -1, -1)
-        v = self.materialize(*fac["v"], "v").expand(B, T, -1, -1)
+            q = self.materialize(*self.assemble(p, "q", rope_x), "q")
+        k = self.materialize(*self.assemble(p, "k", rope_x), "k").expand(B, T, -1, -1)
+        v = self.materialize(*self.assemble(p, "v", rope_x), "v").expand(B, T, -1, -1)
         if self.shift is not None:
             k, v = self.kv_shift(k, v)
         return self.output(self.attend(q.expand(B, T, -1, -1), k, v), x)
 
-    def kv_cache_elems_per_token(self):
-        R = self.ranks["k"] + self.ranks["v"]
-        if self.const_a:
-            return R * self.head_dim
-        if self.const_b:
-            return R * self.n_head
-        if self.shared_b:
-            return R * self.n_head + self.ranks["k"] * self.head_dim
-        return R * (self.n_head + sum(self.fdims))
+    def decode(self, q, p, kv, rope_x, cache):
+        """The new tokens' queries against the whole cache, in factor space (FlashTPA) -> (B, T, H, D)."""
+        B, T, M, H = cache.B, cache.T, cache.kv_len, self.n_head
+        factors = []
+        for n in "kv":
+            a, b = self.assemble(kv, n, cache.key_rope[self.rope_dim] if self.const_b or self.shared_b else None)
+            a, b = a.expand(B, M, -1, -1), b.expand(B, M, -1, -1)
+            if self.shift is not None:  # k'_m = s k_m + (1 - s) k_{m-1}: rank 2R, scaled by 2 to keep 1/R
+                s = torch.sigmoid(self.shift[0 if n == "k" else 1]).to(a.dtype).view(1, 1, -1, 1)
+                a = torch.cat([2 * s * a, 2 * (1 - s) * shift_right(a)], dim=-1)
+                b = torch.cat([b, shift_right(b)], dim=-2)
+            factors += [a, b]
+        if self.factor_q:
+            aq, bq = self.assemble(p, "q", rope_x)
+            aq, bq = aq.expand(B, T, -1, -1), bq.expand(B, T, -1, -1)
+        else:  # a standard query is rank-H TPA with A = H * I
+            aq, bq = (H * torch.eye(H, device=q.device, dtype=q.dtype)).expand(B, T, H, H), q
+        use = cache.use_kernel
+        impl = "triton" if use == "triton" or (use and HAS_TRITON and bq.is_cuda and T <= 16) else "ref"
+        return flashtpa_decode(aq, bq, *factors, seqlens=cache.seqlens + T, impl=impl)
 
     def attn_flops_per_token(self, T):
         H = self.n_head
@@ -437,6 +504,86 @@ class TPA(Attention):
 
 
 ATTENTION = {"mha": GQA, "mqa": GQA, "gqa": GQA, "mla": MLA, "tpa": TPA, "tpa_kvonly": TPA}
+
+
+# -----------------------------------------------------------------------------
+# decoding: the KV cache and sampling
+
+
+class KVCache:
+    """Preallocated decode cache: for every layer exactly what its mechanism caches (cache_spec, spec 1.4),
+    each (B, max_len, ...), plus seqlens (B,): the number of positions cached for every sequence.
+
+    Per forward the model sets the positions of the new tokens (seqlens + 0..T-1) and the mask; kv_len
+    (a host-side upper bound of the lengths, or max_len) is how many slots attention reads, so that no
+    step needs a device sync. fresh=True marks a prefill into an empty cache (attend to the new tokens).
+    """
+
+    def __init__(self, model, batch_size, max_len, device=None, dtype=None):
+        p = model.lm_head.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        self.B, self.max_len = batch_size, max_len
+        self.layers = [{name: torch.zeros(batch_size, max_len, *shape, device=device, dtype=dtype)
+                        for name, shape in block.attn.cache_spec().items()} for block in model.transformer.h]
+        self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.kv_len, self.fresh = max_len, False
+        self.use_kernel = True  # TPA: FlashTPA on CUDA (else its PyTorch reference); False: the reference;
+        # "triton": the kernel wherever Triton runs (CPU tensors need TRITON_INTERPRET=1)
+        self.mla_absorb = True  # MLA: absorbed (latent-space) decode; False materialises K and V
+
+    def nbytes(self):
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    def begin(self, model, T):
+        """Positions (B, T) of T new tokens per row; the mask and row indices every layer uses."""
+        device = self.seqlens.device
+        self.T, self._model, self._key_rope = T, model, None
+        self.pos = self.seqlens[:, None] + torch.arange(T, device=device)
+        self.rows = torch.arange(self.B, device=device)[:, None].expand(self.B, T)
+        self.mask = torch.arange(self.kv_len, device=device)[None, None, :] <= self.pos[:, :, None]  # (B, T, M)
+        return self.pos
+
+    @property
+    def key_rope(self):
+        """RoPE of the cache positions 0..kv_len-1 (for factors that are rotated when read)."""
+        if self._key_rope is None:
+            self._key_rope = self._model.rope(torch.arange(self.kv_len, device=self.seqlens.device))
+        return self._key_rope
+
+
+class LayerCache:
+    """One layer's view of a KVCache."""
+
+    def __init__(self, cache, i):
+        self.cache, self.tensors = cache, cache.layers[i]
+
+    def __getattr__(self, name):  # seqlens, mask, fresh, kv_len, T, B, key_rope, use_kernel, mla_absorb
+        return getattr(self.cache, name)
+
+    def write(self, **new):
+        """new: name -> (B, T, ...) entries of the new tokens, stored at their positions."""
+        c = self.cache
+        for name, t in new.items():
+            self.tensors[name][c.rows, c.pos] = t.to(self.tensors[name].dtype).expand(c.B, c.T, *t.shape[2:])
+
+    def read(self, name):
+        return self.tensors[name][:, :self.cache.kv_len]
+
+
+def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """(B, V) logits -> (B,) tokens. temperature 0 or top_k 1: greedy; top_p: nucleus sampling."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
 
 
 # -----------------------------------------------------------------------------
@@ -500,17 +647,22 @@ class GPT(nn.Module):
 
         With targets (B, T) (-1 = ignore): logits for every position and the mean cross-entropy.
         Without: logits of the last position only (B, 1, V), or of every position with all_logits=True.
-        pos (T,) or (B, T) overrides the positions 0..T-1; cache is a KVCache (see generate).
+        pos (T,) or (B, T) overrides the positions 0..T-1. With a KVCache the tokens sit at positions
+        cache.seqlens + 0..T-1; they are written to the cache, which then holds T more tokens per row.
         """
         B, T = idx.shape
-        if pos is None:
+        if cache is not None:
+            pos = cache.begin(self, T)
+        elif pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
         rope = self.rope(pos)
         x = self.transformer.wte(idx)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, None if cache is None else cache.layer(i))
+            x = block(x, rope, None if cache is None else LayerCache(cache, i))
+        if cache is not None:
+            cache.seqlens += T
         x = rms_norm(x)
         if targets is not None:
             logits = self.lm_head(x)
@@ -518,6 +670,114 @@ class GPT(nn.Module):
             return logits, loss
         logits = self.lm_head(x if all_logits else x[:, -1:, :])
         return logits, None
+
+    # -- generation -------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, **kwargs):
+        """nanoGPT's generate: idx (B, T) -> (B, T + max_new_tokens). top_k=1 (or temperature=0) is greedy.
+
+        Keyword options are those of generate_stream (prompt_lens for a ragged batch, stop_tokens,
+        use_cache, use_kernel, cuda_graph, generator). With prompt_lens or stop_tokens it returns a list
+        of 1-D tensors (prompt + generated tokens, up to and including a stop token) instead.
+        """
+        steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, **kwargs))
+        new = torch.stack(steps, dim=1) if steps else idx.new_zeros(idx.size(0), 0)
+        prompt_lens, stop = kwargs.get("prompt_lens"), kwargs.get("stop_tokens")
+        if prompt_lens is None and not stop:
+            return torch.cat([idx, new], dim=1)
+        lens = [idx.size(1)] * idx.size(0) if prompt_lens is None else [int(n) for n in prompt_lens]
+        out = []
+        for b, n in enumerate(lens):
+            gen = new[b].tolist()
+            for i, t in enumerate(gen):
+                if stop and t in stop:
+                    gen = gen[:i + 1]
+                    break
+            out.append(torch.cat([idx[b, :n], torch.tensor(gen, dtype=idx.dtype, device=idx.device)]))
+        return out
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, prompt_lens=None,
+                        stop_tokens=None, use_cache=True, use_kernel=True, cuda_graph=False, generator=None):
+        """Yield the next token of every sequence, (B,), max_new_tokens times (fewer if all stop).
+
+        idx (B, T): prompts, right-padded when prompt_lens (B,) gives their lengths. use_cache=False
+        recomputes the whole sequence at every step (the reference). use_kernel: FlashTPA on CUDA for TPA.
+        cuda_graph: capture the decode step in a CUDA graph (CUDA only; batch-1 decoding is then not
+        bound by kernel launches).
+        """
+        B, T = idx.shape
+        lens = torch.full((B,), T, device=idx.device) if prompt_lens is None else \
+            torch.as_tensor(prompt_lens, device=idx.device, dtype=torch.long)
+        total = int(T + max_new_tokens)
+        if total > self.config.block_size:
+            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} tokens is more than this "
+                             f"model's block_size={self.config.block_size} (its RoPE tables and cache size)")
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        stop = None if not stop_tokens else torch.as_tensor(sorted(stop_tokens), device=idx.device)
+        if not use_cache:  # recompute everything; right-padding never reaches a valid token (causal)
+            seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
+            for step in range(max_new_tokens):
+                logits, _ = self(seq[:, :T + step], all_logits=True)
+                tok = sample_logits(logits[torch.arange(B), lens + step - 1], temperature, top_k, top_p, generator)
+                seq[torch.arange(B), lens + step] = tok
+                yield tok
+                if stop is not None:
+                    done |= torch.isin(tok, stop)
+                    if done.all():
+                        return
+            return
+        cache = KVCache(self, B, total)
+        cache.use_kernel = use_kernel
+        cache.fresh, cache.kv_len = True, T
+        logits, _ = self(idx, all_logits=True, cache=cache)  # prefill: the prompts in one pass
+        cache.fresh = False
+        cache.seqlens.copy_(lens)  # ragged prompts: each row continues after its own last token
+        next_logits = logits[torch.arange(B), lens - 1]
+        step_fn, host_len = None, T
+        if cuda_graph:
+            step_fn = self._graph_decode_step(cache, B)
+        for step in range(max_new_tokens):
+            tok = sample_logits(next_logits, temperature, top_k, top_p, generator)
+            yield tok
+            if stop is not None:
+                done |= torch.isin(tok, stop)
+                if done.all():
+                    return
+            if step == max_new_tokens - 1:
+                return
+            if step_fn is not None:
+                next_logits = step_fn(tok)
+            else:
+                host_len += 1
+                cache.kv_len = host_len  # an upper bound of seqlens + 1, known without a device sync
+                next_logits = self(tok[:, None], cache=cache)[0][:, -1]
+
+    def _graph_decode_step(self, cache, B):
+        """Capture one decode step over the whole cache (kv_len = max_len) in a CUDA graph."""
+        if not torch.cuda.is_available() or cache.seqlens.device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model and the cache on a CUDA device")
+        cache.kv_len = cache.max_len
+        static_tok = torch.zeros(B, 1, dtype=torch.long, device=cache.seqlens.device)
+        saved = cache.seqlens.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm up (compiles the Triton kernels); the writes are overwritten later
+            for _ in range(2):
+                self(static_tok, cache=cache)
+                cache.seqlens.copy_(saved)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_logits = self(static_tok, cache=cache)[0]
+        cache.seqlens.copy_(saved)  # capturing does not run the step
+
+        def step(tok):
+            static_tok.copy_(tok[:, None])
+            graph.replay()
+            return static_logits[:, -1]
+        return step
 
     # -- accounting -------------------------------------------------------------
 

@@ -219,8 +219,10 @@ flops_per_token = raw_model.flops_per_token(block_size)
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or device_type
 peak = peak_flops(device_name, dtype) if device_type == "cuda" else None
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
+data_meta_path = os.path.join(data_dir, "meta.json")
+tokenizer = json.load(open(data_meta_path)).get("tokenizer", "gpt2") if os.path.exists(data_meta_path) else "gpt2"
 meta = dict(git_commit=git_commit(), torch=torch.__version__, python=platform.python_version(),
-            device=device_name, world_size=world_size, dtype=dtype, wandb_id=wandb_id)
+            device=device_name, world_size=world_size, dtype=dtype, wandb_id=wandb_id, tokenizer=tokenizer)
 if master:
     os.makedirs(out_dir, exist_ok=True)
     try:

@@ -164,30 +164,36 @@ def identity_rope(model, T):
     return {dim: (torch.ones(1, T, 1, dim // 2), torch.zeros(1, T, 1, dim // 2)) for dim in model.rope_dims}
 
 
-@pytest.mark.parametrize("opts", [{}, dict(tpa_order=3), dict(attn="tpa_kvonly"), dict(tpa_const_b=True)])
+def tpa_qkv(attn, x, rope):
+    """Materialised q, k, v (B, T, H, D) of a TPA layer."""
+    q, p = attn.pieces(x, rope)
+    r = rope[attn.rope_dim]
+    if q is None:
+        q = attn.materialize(*attn.assemble(p, "q", r), "q")
+    k, v = (attn.materialize(*attn.assemble(p, n, r), n).expand(x.size(0), x.size(1), -1, -1) for n in "kv")
+    return q.expand(x.size(0), x.size(1), -1, -1), k, v
+
+
+@pytest.mark.parametrize("opts", [{}, dict(tpa_order=3), dict(attn="tpa_kvonly"), dict(tpa_const_b=True),
+                                  dict(tpa_shared_b=True), dict(attn="tpa_kvonly", tpa_order=3)])
 def test_tpa_rope_on_b_equals_rope_on_qk(opts):
     opts = dict(opts)
     model = randomize(tiny(opts.pop("attn", "tpa"), **opts))
     attn = model.transformer.h[0].attn
     x = torch.randn(2, 12, 64)
     pos = torch.arange(12)
-    q_rot, fac_rot = attn.factors(x, model.rope(pos))
-    q_raw, fac_raw = attn.factors(x, identity_rope(model, 12))
+    q_rot, k_rot, v_rot = tpa_qkv(attn, x, model.rope(pos))
+    q_raw, k_raw, v_raw = tpa_qkv(attn, x, identity_rope(model, 12))
     cos, sin = model.rope(pos)[attn.rope_dim]
+    # third order: the db-dim RoPE on each of the dc blocks of d_h = I_dc (x) R_t (Theorem C.1)
     rot = lambda t: apply_rope(t.reshape(2, 12, -1, attn.rope_dim), cos, sin).reshape(t.shape)
-    if q_rot is None:
-        q_rot, q_raw = attn.materialize(*fac_rot["q"], "q"), attn.materialize(*fac_raw["q"], "q")
     torch.testing.assert_close(q_rot, rot(q_raw))
-    k_rot, k_raw = attn.materialize(*fac_rot["k"], "k"), attn.materialize(*fac_raw["k"], "k")
-    torch.testing.assert_close(k_rot.expand(2, 12, -1, -1), rot(k_raw.expand(2, 12, -1, -1)))
-    torch.testing.assert_close(attn.materialize(*fac_rot["v"], "v"), attn.materialize(*fac_raw["v"], "v"))
+    torch.testing.assert_close(k_rot, rot(k_raw))
+    torch.testing.assert_close(v_rot, v_raw)
     # and relative positions: shifting every position by 7 leaves q.k unchanged
-    q7, fac7 = attn.factors(x, model.rope(pos + 7))
-    if q7 is None:
-        q7 = attn.materialize(*fac7["q"], "q")
-    k7 = attn.materialize(*fac7["k"], "k").expand(2, 12, -1, -1)
+    q7, k7, _ = tpa_qkv(attn, x, model.rope(pos + 7))
     torch.testing.assert_close(torch.einsum("bthd,bshd->bhts", q7, k7),
-                               torch.einsum("bthd,bshd->bhts", q_rot, k_rot.expand(2, 12, -1, -1)), rtol=1e-4, atol=1e-4)
+                               torch.einsum("bthd,bshd->bhts", q_rot, k_rot), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
@@ -216,13 +222,12 @@ def test_tpa_materialized_qkv_by_hand():
     model = randomize(tiny("tpa"))
     attn = model.transformer.h[0].attn
     x = torch.randn(1, 3, 64)
-    _, fac = attn.factors(x, identity_rope(model, 3))
     W = dict(zip(attn.names, attn.c_fact.weight.split(attn.sizes, dim=0)))
     H, D, R = 4, 16, 6
     a = (x @ W["aq"].T).view(1, 3, H, R)  # output index h * R + r
     b = (x @ W["bq"].T).view(1, 3, R, D)  # output index r * D + j
     q = sum(a[..., r, None] * b[..., r, None, :] for r in range(R)) / R
-    torch.testing.assert_close(attn.materialize(*fac["q"], "q"), q)
+    torch.testing.assert_close(tpa_qkv(attn, x, identity_rope(model, 3))[0], q)
 
 
 def test_tpa_init_bounds():

@@ -1,0 +1,166 @@
+"""KV-cache generation for every mechanism: equals recomputation, caches what the paper says, samples."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT
+from data.shards import write_shard
+from kernels import HAS_TRITON
+from model import GPT, KVCache, model_config, sample_logits
+from test_model import IDS, V, VARIANTS, randomize, tiny
+
+
+def full_vs_cached_logits(model, seq, prefill, **cache_opts):
+    """Relative error of cached logits (prefill, then one token at a time) against one full forward."""
+    full = model(seq, all_logits=True)[0]
+    cache = KVCache(model, seq.size(0), seq.size(1))
+    for k, v in cache_opts.items():
+        setattr(cache, k, v)
+    cache.fresh, cache.kv_len = True, prefill
+    got = [model(seq[:, :prefill], all_logits=True, cache=cache)[0]]
+    cache.fresh = False
+    for t in range(prefill, seq.size(1)):
+        cache.kv_len = t + 1
+        got.append(model(seq[:, t:t + 1], cache=cache)[0])
+    got = torch.cat(got, dim=1)
+    return ((got - full).norm() / full.norm()).item()
+
+
+@pytest.mark.parametrize("attn,opts", VARIANTS, ids=IDS)
+def test_cache_equals_recompute(attn, opts):
+    model = randomize(tiny(attn, **opts), std=0.1)
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, V, (3, 9), generator=g)
+    # greedy generation, a ragged batch (right-padded prompts of 9, 2 and 5 tokens)
+    lens = [9, 2, 5]
+    cached = model.generate(idx, 7, top_k=1, prompt_lens=lens)
+    recomputed = model.generate(idx, 7, top_k=1, prompt_lens=lens, use_cache=False)
+    for i, (a, b, n) in enumerate(zip(cached, recomputed, lens)):
+        assert torch.equal(a, b) and len(a) == n + 7 and torch.equal(a[:n], idx[i, :n])
+    # and a plain batch, nanoGPT's return shape
+    out = model.generate(idx[:, :4], 5, top_k=1)
+    assert out.shape == (3, 9) and torch.equal(out, model.generate(idx[:, :4], 5, top_k=1, use_cache=False))
+    # cached logits equal the full forward's, for several prompt lengths
+    seq = torch.randint(0, V, (2, 14), generator=g)
+    for prefill in (1, 4, 9):
+        err = full_vs_cached_logits(model, seq, prefill)
+        assert err <= 1e-5, (prefill, err)
+
+
+def test_mla_absorbed_equals_naive():
+    for opts in ({}, dict(q_lora_rank=0), dict(attn_gate=True)):
+        model = randomize(tiny("mla", **opts), std=0.1)
+        seq = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(1))
+        assert full_vs_cached_logits(model, seq, 4, mla_absorb=True) <= 1e-5
+        assert full_vs_cached_logits(model, seq, 4, mla_absorb=False) <= 1e-5
+        # and directly: absorbed decode == naive decode, step by step
+        caches = []
+        for absorb in (True, False):
+            cache = KVCache(model, 2, 12)
+            cache.mla_absorb, cache.fresh, cache.kv_len = absorb, True, 4
+            model(seq[:, :4], cache=cache)
+            cache.fresh, cache.kv_len = False, 12
+            caches.append(torch.cat([model(seq[:, t:t + 1], cache=cache)[0] for t in range(4, 12)], dim=1))
+        torch.testing.assert_close(caches[0], caches[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("attn,opts", [("tpa", {}), ("tpa_kvonly", {}), ("tpa", dict(kv_shift=True)),
+                                       ("tpa", dict(tpa_order=3)), ("tpa", dict(tpa_const_a=True))])
+def test_flashtpa_in_the_decode_path(attn, opts):
+    """The model's decode through the Triton kernel (the interpreter on CPU) equals the reference path."""
+    model = randomize(tiny(attn, **opts), std=0.1)
+    seq = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(2))
+    assert full_vs_cached_logits(model, seq, 3, use_kernel="triton") <= 1e-5
+    idx = seq[:, :5]
+    assert torch.equal(model.generate(idx, 5, top_k=1, use_kernel="triton", prompt_lens=[5, 2])[1],
+                       model.generate(idx, 5, top_k=1, use_kernel=False, prompt_lens=[5, 2])[1])
+
+
+@pytest.mark.parametrize("attn,opts", VARIANTS, ids=IDS)
+def test_cache_memory_equals_formula(attn, opts):
+    model = tiny(attn, **opts)
+    for dtype in (torch.float32, torch.bfloat16):
+        cache = KVCache(model, 3, 50, dtype=dtype)
+        per_token_layer = model.transformer.h[0].attn.kv_cache_elems_per_token()
+        assert cache.nbytes() == per_token_layer * model.config.n_layer * 3 * 50 * dtype.itemsize
+        assert cache.nbytes() == model.kv_cache_elems_per_token() * 3 * 50 * dtype.itemsize
+
+
+def test_paper_cache_contents():
+    """TPA caches A_K, rotated B_K, A_V, B_V; MLA the latent and the rotated shared key; GQA K and V."""
+    with torch.device("meta"):
+        small = {a: GPT(model_config("small", a)) for a in ("tpa", "mla", "gqa")}
+    assert small["tpa"].transformer.h[0].attn.cache_spec() == {"ak": (34, 2), "bk": (2, 64), "av": (34, 2), "bv": (2, 64)}
+    assert small["mla"].transformer.h[0].attn.cache_spec() == {"c_kv": (256,), "k_pe": (32,)}
+    assert small["gqa"].transformer.h[0].attn.cache_spec() == {"k": (2, 64), "v": (2, 64)}
+
+
+def test_sampling():
+    logits = torch.tensor([[0.0, 5.0, 1.0, 4.9], [3.0, 0.0, 0.0, 0.0]])
+    assert sample_logits(logits, top_k=1).tolist() == [1, 0]
+    assert sample_logits(logits, temperature=0).tolist() == [1, 0]
+    g = torch.Generator().manual_seed(0)
+    draws = torch.stack([sample_logits(logits, top_k=2, generator=g) for _ in range(200)])
+    assert set(draws[:, 0].tolist()) == {1, 3}  # only the two most likely
+    draws = torch.stack([sample_logits(logits, top_p=0.5, generator=g) for _ in range(100)])
+    assert set(draws[:, 0].tolist()) == {1} and set(draws[:, 1].tolist()) == {0}  # the nucleus
+
+
+def test_generate_limits_and_stops():
+    model = randomize(tiny("tpa"), std=0.1)
+    idx = torch.randint(0, V, (2, 10))
+    with pytest.raises(ValueError, match="block_size=256"):
+        model.generate(idx, 250)
+    greedy = model.generate(idx, 6, top_k=1)
+    stop = int(greedy[0, 12])  # the third generated token of row 0
+    first = 10 + greedy[0, 10:].tolist().index(stop)
+    out = model.generate(idx, 6, top_k=1, stop_tokens={stop})
+    assert out[0].tolist() == greedy[0, :first + 1].tolist()  # up to and including the first stop token
+    assert len(out[1]) == 16 or stop in out[1][10:].tolist()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A checkpoint from a 2-iteration training run with GPT-2's vocabulary."""
+    root = tmp_path_factory.mktemp("run")
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        write_shard(str(root / f"d_{split}_000000.bin"), rng.integers(0, 50257, 4000).astype(np.uint16))
+    args = dict(size="tiny", attn="tpa", block_size=64, batch_size=2, gradient_accumulation_steps=1, max_iters=2,
+                eval_interval=2, eval_tokens=256, compile=False, device="cpu", data_dir=str(root), out_dir=str(root / "out"))
+    subprocess.run([sys.executable, "train.py"] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT, check=True,
+                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return str(root / "out")
+
+
+def run_sample(*args):
+    return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def test_sample_py_end_to_end(tiny_run, tmp_path):
+    p = run_sample(f"--out_dir={tiny_run}", "--start=Hello world", "--num_samples=2", "--max_new_tokens=12", "--seed=3")
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.count("Hello world") == 2 and p.stderr.count("[12 tokens") == 2
+    greedy = [run_sample(f"--out_dir={tiny_run}", "--top_k=1", "--num_samples=1", f"--stream={s}",
+                         "--max_new_tokens=8") for s in (True, False)]
+    assert greedy[0].returncode == 0 and greedy[0].stdout == greedy[1].stdout  # streaming prints the same text
+    (tmp_path / "prompt.txt").write_text("Once upon a time")
+    p = run_sample(f"--out_dir={tiny_run}", f"--start=FILE:{tmp_path / 'prompt.txt'}", "--num_samples=1",
+                   "--max_new_tokens=4")
+    assert p.returncode == 0 and p.stdout.startswith("Once upon a time")
+
+
+def test_sample_py_errors(tiny_run, tmp_path):
+    p = run_sample(f"--out_dir={tmp_path}")
+    assert p.returncode != 0 and "holds no ckpt_NNNNNNN.pt checkpoint" in p.stderr
+    p = run_sample(f"--out_dir={tiny_run}", "--max_new_tokens=100")
+    assert p.returncode != 0 and "block_size=64" in p.stderr
+    p = run_sample(f"--out_dir={tiny_run}", "--temprature=0.5")
+    assert p.returncode != 0 and "did you mean 'temperature'" in p.stderr
