@@ -226,18 +226,23 @@ class Attention(nn.Module):
         # KV shift mixing logits for K and V, per KV head; sigmoid(3) = 0.95: starts near the unshifted model
         self.shift = nn.Parameter(torch.full((2, n_kv_head or n_head), 3.0)) if config.kv_shift else None
 
-    def kv_shift(self, k, v):
-        """k, v: (B, T, H, *), rotated. Mix each token with the previous one (zeros before the first)."""
+    def kv_shift(self, k, v, heads_first=False):
+        """k, v: (B, T, H, *) (or (B, H, T, *)), rotated. Mix each token with the previous one (zeros before
+        the first)."""
         a = torch.sigmoid(self.shift).to(k.dtype)  # (2, H)
-        ak, av = a[0].view(1, 1, -1, 1), a[1].view(1, 1, -1, 1)
-        return ak * k + (1 - ak) * shift_right(k), av * v + (1 - av) * shift_right(v)
+        shape, dim = ((1, -1, 1, 1), 2) if heads_first else ((1, 1, -1, 1), 1)
+        ak, av = a[0].view(shape), a[1].view(shape)
+        return ak * k + (1 - ak) * shift_right(k, dim), av * v + (1 - av) * shift_right(v, dim)
 
-    def attend(self, q, k, v, scale=None, mask=None):
-        """SDPA, causal or with a (B, T, M) bool mask. q (B, T, H, D), k (B, M, Hkv, D), v (B, M, Hkv, E)."""
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                           attn_mask=None if mask is None else mask[:, None],
-                                           is_causal=mask is None, scale=scale, enable_gqa=k.size(2) != q.size(2))
-        return y.transpose(1, 2)  # (B, T, H, E)
+    def attend(self, q, k, v, scale=None, mask=None, causal=True, heads_first=False):
+        """SDPA. q (B, T, H, D), k (B, M, Hkv, D), v (B, M, Hkv, E), or (B, H, T, D) ... with heads_first
+        -> (B, T, H, E). causal: the T queries and the M = T keys are the same tokens; otherwise mask
+        (B, T, M) bool, or None for every key."""
+        if not heads_first:
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if mask is None else mask[:, None],
+                                           is_causal=causal, scale=scale, enable_gqa=k.size(1) != q.size(1))
+        return y.transpose(1, 2)
 
     def output(self, y, x):
         """y (B, T, H, E) -> (B, T, C), with the output gate computed from the attention input x."""
@@ -253,9 +258,9 @@ class Attention(nn.Module):
         return self.n_head * (d_qk + d_v) * (T + 1)
 
 
-def shift_right(t):
-    """(B, T, ...) -> the previous token's entry at every position, zeros at the first."""
-    return torch.cat([torch.zeros_like(t[:, :1]), t[:, :-1]], dim=1)
+def shift_right(t, dim=1):
+    """The previous token's entry at every position along dim (the token axis), zeros at the first."""
+    return torch.cat([torch.zeros_like(t.narrow(dim, 0, 1)), t.narrow(dim, 0, t.size(dim) - 1)], dim=dim)
 
 
 class GQA(Attention):
@@ -282,14 +287,14 @@ class GQA(Attention):
         q, k, v = q.view(B, T, H, D), k.view(B, T, G, D), v.view(B, T, G, D)
         cos, sin = rope[self.rope_dim]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        mask = None
+        mask, causal = None, True
         if cache is not None:
             cache.write(k=k, v=v)
             if not cache.fresh:
-                k, v, mask = cache.read("k"), cache.read("v"), cache.mask
+                k, v, mask, causal = cache.read("k"), cache.read("v"), cache.mask, False
         if self.shift is not None:
             k, v = self.kv_shift(k, v)
-        return self.output(self.attend(q, k, v, mask=mask), x)
+        return self.output(self.attend(q, k, v, mask=mask, causal=causal), x)
 
     def attn_flops_per_token(self, T):
         return self.attn_core_flops(T, self.head_dim, self.head_dim)
@@ -334,11 +339,11 @@ class MLA(Attention):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, dR], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (B, T, dc)
         k_pe = apply_rope(k_pe.view(B, T, 1, dR), cos, sin).view(B, T, dR)  # one key shared by the heads
-        mask = None
+        mask, causal = None, True
         if cache is not None:
             cache.write(c_kv=c_kv, k_pe=k_pe)
             if not cache.fresh:
-                c_kv, k_pe, mask = cache.read("c_kv"), cache.read("k_pe"), cache.mask
+                c_kv, k_pe, mask, causal = cache.read("c_kv"), cache.read("k_pe"), cache.mask, False
                 if cache.mla_absorb and self.shift is None:
                     return self.output(self.absorbed(q_nope, q_pe, c_kv, k_pe, mask), x)
         M = c_kv.size(1)
@@ -346,18 +351,23 @@ class MLA(Attention):
         k = torch.cat([k_nope, k_pe[:, :, None].expand(B, M, H, dR)], dim=-1)  # (B, M, H, D + dR)
         if self.shift is not None:
             k, v = self.kv_shift(k, v)
-        return self.output(self.attend(torch.cat([q_nope, q_pe], dim=-1), k, v, scale=self.scale, mask=mask), x)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return self.output(self.attend(q, k, v, scale=self.scale, mask=mask, causal=causal), x)
 
     def absorbed(self, q_nope, q_pe, c_kv, k_pe, mask):
         """Attention in the latent space: q_nope W_uk . c_kv + q_pe . k_pe, then (p c_kv) W_uv.
 
-        Written as multi-query attention with one (dc + dR)-dim key head and a dc-dim value head.
+        Two batched matmuls over the cached latents (every head reads the same (dc + dR)-dim keys), as in
+        DeepSeek-V3's inference code; SDPA would fall back to its math path for a 576-dim head and a mask.
         """
-        H, D = self.n_head, self.head_dim
+        B, T, H, D = *q_nope.shape[:3], self.head_dim
         W = self.kv_b_proj.weight.view(H, D + self.v_dim, self.kv_lora_rank)  # rows: k_nope then v, per head
         q = torch.cat([torch.einsum("bthd,hdc->bthc", q_nope, W[:, :D]), q_pe], dim=-1)  # (B, T, H, dc + dR)
-        k = torch.cat([c_kv, k_pe], dim=-1)[:, :, None]  # (B, M, 1, dc + dR)
-        o = self.attend(q, k, c_kv[:, :, None], scale=self.scale, mask=mask)  # (B, T, H, dc)
+        k = torch.cat([c_kv, k_pe], dim=-1)  # (B, M, dc + dR)
+        s = torch.matmul(q.reshape(B, T * H, -1), k.transpose(1, 2)).float() * self.scale  # (B, T*H, M)
+        if mask is not None:
+            s = s.view(B, T, H, -1).masked_fill(~mask[:, :, None], float("-inf")).view(B, T * H, -1)
+        o = torch.matmul(torch.softmax(s, dim=-1).to(c_kv.dtype), c_kv).view(B, T, H, -1)  # (B, T, H, dc)
         return torch.einsum("bthc,hec->bthe", o, W[:, D:])  # (B, T, H, E)
 
     def attn_flops_per_token(self, T):
@@ -454,8 +464,17 @@ class TPA(Attention):
         return a, b
 
     def materialize(self, a, b, n):
-        """(1/R) A^T B per token: (B, T, H, R) x (B, T, R, D) -> (B, T, H, D)."""
-        return torch.matmul(a, b) * (1.0 / self.ranks[n])
+        """(1/R) A^T B per token: (B, T, H, R) x (B, T, R, D) -> (B, H, T, D), heads first for SDPA.
+
+        A sum of R broadcast products, not a matmul: torch.compile fuses it (with RoPE and the 1/R) into
+        pointwise kernels, where cuBLAS would run a batched matmul with K = R (2 to 6), slowly. Writing the
+        heads-first layout here keeps SDPA's gradients (heads first too) from being transposed again.
+        """
+        a, b = a.transpose(1, 2), b.unsqueeze(1)  # (B, H, T, R), (B, 1, T, R, D)
+        x = a[..., 0, None] * b[..., 0, :]
+        for r in range(1, a.size(-1)):
+            x = x + a[..., r, None] * b[..., r, :]
+        return x * (1.0 / self.ranks[n])
 
     def forward(self, x, rope, cache=None):
         B, T, _ = x.shape
@@ -466,13 +485,12 @@ class TPA(Attention):
             if not cache.fresh:
                 kv = {name: cache.read(name) for name in self.cache_spec()}
                 return self.output(self.decode(q, p, kv, rope_x, cache), x)
-        if q is None:
-            q = self.materialize(*self.assemble(p, "q", rope_x), "q")
-        k = self.materialize(*self.assemble(p, "k", rope_x), "k").expand(B, T, -1, -1)
-        v = self.materialize(*self.assemble(p, "v", rope_x), "v").expand(B, T, -1, -1)
+        H, D = self.n_head, self.head_dim
+        q = self.materialize(*self.assemble(p, "q", rope_x), "q") if q is None else q.transpose(1, 2)
+        k, v = (self.materialize(*self.assemble(p, n, rope_x), n).expand(B, H, T, D) for n in "kv")
         if self.shift is not None:
-            k, v = self.kv_shift(k, v)
-        return self.output(self.attend(q.expand(B, T, -1, -1), k, v), x)
+            k, v = self.kv_shift(k, v, heads_first=True)
+        return self.output(self.attend(q.expand(B, H, T, D), k, v, heads_first=True), x)
 
     def decode(self, q, p, kv, rope_x, cache):
         """The new tokens' queries against the whole cache, in factor space (FlashTPA) -> (B, T, H, D)."""
@@ -527,6 +545,7 @@ class KVCache:
                         for name, shape in block.attn.cache_spec().items()} for block in model.transformer.h]
         self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.kv_len, self.fresh = max_len, False
+        self.uniform = False  # every row has the same length and kv_len = seqlens + T: one-token steps need no mask
         self.use_kernel = True  # TPA: FlashTPA on CUDA (else its PyTorch reference); False: the reference;
         # "triton": the kernel wherever Triton runs (CPU tensors need TRITON_INTERPRET=1)
         self.mla_absorb = True  # MLA: absorbed (latent-space) decode; False materialises K and V
@@ -540,7 +559,8 @@ class KVCache:
         self.T, self._model, self._key_rope = T, model, None
         self.pos = self.seqlens[:, None] + torch.arange(T, device=device)
         self.rows = torch.arange(self.B, device=device)[:, None].expand(self.B, T)
-        self.mask = torch.arange(self.kv_len, device=device)[None, None, :] <= self.pos[:, :, None]  # (B, T, M)
+        self.mask = None if self.uniform and T == 1 else \
+            torch.arange(self.kv_len, device=device)[None, None, :] <= self.pos[:, :, None]  # (B, T, M)
         return self.pos
 
     @property
@@ -633,13 +653,16 @@ class GPT(nn.Module):
         return self
 
     def rope(self, pos):
-        """pos (T,) or (B, T) int positions -> {dim: (cos, sin)}, each (B|1, T, 1, dim/2) fp32."""
-        if pos.dim() == 1:
-            pos = pos.unsqueeze(0)
+        """pos: T (positions 0..T-1, a slice of the tables) or a (T,) / (B, T) int tensor of positions
+        -> {dim: (cos, sin)}, each (B|1, T, 1, dim/2) fp32."""
         out = {}
         for dim in self.rope_dims:
             cos, sin = getattr(self, f"rope_cos_{dim}"), getattr(self, f"rope_sin_{dim}")
-            out[dim] = (cos[pos].unsqueeze(2), sin[pos].unsqueeze(2))
+            if isinstance(pos, int):  # a contiguous slice: no gather in the fused RoPE kernels
+                cos, sin = cos[:pos], sin[:pos]
+            else:
+                cos, sin = cos[pos], sin[pos]
+            out[dim] = (cos.view(-1, cos.size(-2), 1, cos.size(-1)), sin.view(-1, sin.size(-2), 1, sin.size(-1)))
         return out
 
     def forward(self, idx, targets=None, all_logits=False, pos=None, cache=None):
@@ -656,7 +679,7 @@ class GPT(nn.Module):
         elif pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
-            pos = torch.arange(T, device=idx.device)
+            pos = T
         rope = self.rope(pos)
         x = self.transformer.wte(idx)
         for i, block in enumerate(self.transformer.h):
@@ -729,7 +752,7 @@ class GPT(nn.Module):
                         return
             return
         cache = KVCache(self, B, total)
-        cache.use_kernel = use_kernel
+        cache.use_kernel, cache.uniform = use_kernel, prompt_lens is None and not cuda_graph
         cache.fresh, cache.kv_len = True, T
         logits, _ = self(idx, all_logits=True, cache=cache)  # prefill: the prompts in one pass
         cache.fresh = False

@@ -220,18 +220,25 @@ def _num_sms(device):
     return _SM_COUNT[device.index]
 
 
-def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None):
-    """The Triton path; block_m and num_splits override the heuristics (for benchmarks)."""
+def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
+                           num_warps=None, num_stages=None):
+    """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning)."""
     B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
     dev = bk.device
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     n_rows = N * H
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
-    BLOCK_M = block_m or (64 if BLOCK_ROWS <= 32 else 32)
+    # tiles measured on an H100 (scripts/bench_decode.py --tune): long blocks of the cache per step, one
+    # program per SM for a single sequence, about two per SM in a batch
+    wide = bk.dtype == torch.float32 or max(D, E) > 64  # bigger tiles: fewer stages fit in shared memory
+    BLOCK_M = block_m or (32 if wide else 64 if BLOCK_ROWS > 32 else 128)
     n_blocks = triton.cdiv(M, BLOCK_M)
-    if num_splits is None:  # enough programs to fill the GPU twice; M sets the grid, never the compiled code
-        num_splits = max(1, min(n_blocks, triton.cdiv(2 * _num_sms(dev), B * row_blocks)))
+    if num_splits is None:  # M sets the grid, never the compiled code
+        per_batch = triton.cdiv(_num_sms(dev), B * row_blocks)
+        num_splits = max(1, min(n_blocks, per_batch * (2 if B > 4 else 1)))
+    if num_warps is None:
+        num_warps = 8 if BLOCK_M == 128 and B * row_blocks == 1 else 4
     blocks_per_split = triton.cdiv(n_blocks, num_splits)
     num_splits = triton.cdiv(n_blocks, blocks_per_split)
     out = torch.empty(B, N, H, E, device=dev, dtype=bv.dtype)
@@ -247,7 +254,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         RQ=Rq, RK=Rk, RV=Rv, D=D, E=E, BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M,
         BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
         HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32,
-        num_warps=4, num_stages=3,
+        num_warps=num_warps, num_stages=num_stages or (1 if wide else 3),
     )
     if not single:
         _flashtpa_combine_kernel[(triton.cdiv(n_rows, 32), B)](

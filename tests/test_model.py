@@ -168,10 +168,11 @@ def tpa_qkv(attn, x, rope):
     """Materialised q, k, v (B, T, H, D) of a TPA layer."""
     q, p = attn.pieces(x, rope)
     r = rope[attn.rope_dim]
+    shape = (x.size(0), x.size(1), attn.n_head, attn.head_dim)
     if q is None:
-        q = attn.materialize(*attn.assemble(p, "q", r), "q")
-    k, v = (attn.materialize(*attn.assemble(p, n, r), n).expand(x.size(0), x.size(1), -1, -1) for n in "kv")
-    return q.expand(x.size(0), x.size(1), -1, -1), k, v
+        q = attn.materialize(*attn.assemble(p, "q", r), "q").transpose(1, 2)
+    k, v = (attn.materialize(*attn.assemble(p, n, r), n).transpose(1, 2).expand(shape) for n in "kv")
+    return q.expand(shape), k, v
 
 
 @pytest.mark.parametrize("opts", [{}, dict(tpa_order=3), dict(attn="tpa_kvonly"), dict(tpa_const_b=True),

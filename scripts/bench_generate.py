@@ -1,0 +1,155 @@
+"""
+Decoding speed of whole models: Medium-size models of every mechanism (random weights, bf16), on a CUDA GPU.
+
+    python -m scripts.bench_generate                      # B in {1, 16}, contexts 1K, 8K, 32K
+    python -m scripts.bench_generate --quick
+
+For each (mechanism, B, context) the cache is filled with random values up to the context, and decode steps
+(one token per sequence) are timed with CUDA events, as a CUDA graph (kv_len = the cache size, masked) and
+eagerly (kv_len = the exact length, no mask, so SDPA can use its flash kernel); the faster is reported.
+Lower bound per step: (weights + cache bytes read) / the device-to-device copy bandwidth measured in the same
+run. Also: the largest context whose cache fits the GPU at B=16 (computed, then allocated to check).
+"""
+
+import argparse
+import json
+import os
+
+import torch
+
+from model import GPT, KVCache, model_config
+
+ATTNS = ["tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla"]
+
+
+def copy_bandwidth():
+    src = torch.empty(2 ** 29, dtype=torch.float32, device="cuda")  # 2 GiB
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(20):
+        dst.copy_(src)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * src.numel() * 4 * 20 / (start.elapsed_time(end) * 1e-3)
+
+
+def build(attn, max_len):
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = GPT(model_config("medium", attn, block_size=max_len))
+    with torch.no_grad():
+        for block in model.transformer.h:  # zero-init projections would make every step trivially equal
+            block.attn.c_proj.weight.normal_(0, 0.02)
+    return model.to(torch.bfloat16).eval()
+
+
+@torch.no_grad()
+def time_decode(model, B, ctx, graph, steps=20, warmup=3):
+    max_len = ctx + steps + warmup + 4
+    cache = KVCache(model, B, max_len)
+    for layer in cache.layers:
+        for t in layer.values():
+            t.normal_(0, 0.5)
+    cache.seqlens.fill_(ctx)
+    tok = torch.randint(0, 50257, (B,), device="cuda")
+    if graph:
+        step = model._graph_decode_step(cache, B)
+    else:
+        cache.uniform = True
+        length = [ctx]
+
+        def step(t):
+            length[0] += 1
+            cache.kv_len = length[0]
+            return model(t[:, None], cache=cache)[0][:, -1]
+    for _ in range(warmup):
+        tok = step(tok).argmax(-1)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        tok = step(tok).argmax(-1)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps, cache.nbytes() * ctx / max_len
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/generate.jsonl")
+    args = parser.parse_args()
+    name = torch.cuda.get_device_name()
+    bw = copy_bandwidth()
+    total_mem = torch.cuda.mem_get_info()[1]
+    print(f"{name}: copy bandwidth {bw / 1e9:.0f} GB/s, memory {total_mem / 2 ** 30:.1f} GiB", flush=True)
+    contexts = [1024, 8192, 32768] if not args.quick else [1024, 32768]
+    rows = []
+    for attn in ATTNS if not args.quick else ["tpa", "mha"]:
+        model = build(attn, max(contexts) + 64)
+        weight_bytes = model.num_params() * 2
+        for B in (1, 16):
+            for ctx in contexts:
+                best = None
+                for graph in (True, False):
+                    try:
+                        ms, cache_bytes = time_decode(model, B, ctx, graph)
+                    except torch.cuda.OutOfMemoryError:
+                        continue
+                    finally:
+                        torch.cuda.empty_cache()
+                    if best is None or ms < best[0]:
+                        best = (ms, cache_bytes, graph)
+                if best is None:
+                    rows.append(dict(attn=attn, B=B, context=ctx, oom=True))
+                    continue
+                ms, cache_bytes, graph = best
+                bound_ms = (weight_bytes + cache_bytes) / bw * 1e3
+                rows.append(dict(device=name, attn=attn, B=B, context=ctx, ms_per_step=ms, tokens_per_s=B / ms * 1e3,
+                                 kv_cache_gib=cache_bytes / 2 ** 30, bound_ms=bound_ms, pct_of_bound=100 * bound_ms / ms,
+                                 mode="cuda graph" if graph else "eager"))
+                print(json.dumps(rows[-1]), flush=True)
+        # the largest context at B=16 that fits: what is free beside the model, less 2 GiB of working space
+        per_token = model.kv_cache_elems_per_token() * 2 * 16
+        fit = int((torch.cuda.mem_get_info()[0] - 2 * 2 ** 30) // per_token)
+        try:
+            c = KVCache(model, 16, fit)
+            ok = True
+            del c
+        except torch.cuda.OutOfMemoryError:
+            ok = False
+        torch.cuda.empty_cache()
+        rows.append(dict(attn=attn, max_context_B16=fit, allocated=ok, kv_bytes_per_token=model.kv_cache_elems_per_token() * 2))
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+        torch.cuda.empty_cache()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    print(f"\nMedium models, bf16, {name}, copy bandwidth {bw / 1e9:.0f} GB/s")
+    print("| mechanism | B | context | ms / step | tokens/s | KV cache | lower bound | % of bound | mode |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "ms_per_step" in r:
+            print(f"| {r['attn']} | {r['B']} | {r['context']} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
+                  f"{r['kv_cache_gib']:.2f} GiB | {r['bound_ms']:.3f} ms | {r['pct_of_bound']:.0f}% | {r['mode']} |")
+        elif r.get("oom"):
+            print(f"| {r['attn']} | {r['B']} | {r['context']} | out of memory | | | | | |")
+    print(f"\n| mechanism | KV bytes / token | largest context at B=16 on this GPU ({total_mem / 2 ** 30:.0f} GiB, weights and 2 GiB kept) |")
+    print("|---|---|---|")
+    for r in rows:
+        if "max_context_B16" in r:
+            print(f"| {r['attn']} | {r['kv_bytes_per_token']:,} | {r['max_context_B16']:,}"
+                  f"{'' if r['allocated'] else ' (allocation failed)'} |")
+    get = {(r["attn"], r["B"], r["context"]): r for r in rows if "ms_per_step" in r}
+    if ("tpa", 16, 32768) in get and ("mha", 16, 32768) in get:
+        print(f"T6 / MHA tokens/s at B=16, 32K: {get['tpa', 16, 32768]['tokens_per_s'] / get['mha', 16, 32768]['tokens_per_s']:.2f}x")
+    if ("tpa", 1, 32768) in get:
+        print(f"T6 at B=1, 32K: {get['tpa', 1, 32768]['pct_of_bound']:.0f}% of the lower bound")
+
+
+if __name__ == "__main__":
+    main()
