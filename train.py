@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from configurator import configure
 from data.loader import TrainLoader, ValSet
+from eval.val_loss import evaluate as evaluate_val
 from model import GPT, GPTConfig, model_config, peak_flops
 
 # -----------------------------------------------------------------------------
@@ -265,23 +266,12 @@ def log(record):
             wandb.log(record, step=record["iter"])
 
 
-@torch.no_grad()
 def evaluate():
-    """Mean loss over the fixed validation set, computed on all ranks and reduced."""
+    """Mean loss over the fixed validation set, computed on all ranks and reduced (eval/val_loss.py)."""
     model.eval()
-    total = torch.zeros(2, device=device, dtype=torch.float64)  # sum of window losses, windows
-    for x, y in val_set.batches(batch_size, rank, world_size, device):
-        n = x.size(0)
-        if n < batch_size:  # pad to a fixed shape (no recompilation); padded targets are ignored
-            x = torch.cat([x, x.new_zeros(batch_size - n, block_size)])
-            y = torch.cat([y, y.new_full((batch_size - n, block_size), -1)])
-        with autocast:
-            _, loss = model(x, y)
-        total += torch.stack([loss.double() * n, torch.tensor(n, device=device, dtype=torch.float64)])
-    if ddp:
-        dist.all_reduce(total)
+    loss = evaluate_val(model, val_set, batch_size, device, autocast, rank, world_size)["loss"]
     model.train()
-    return (total[0] / total[1]).item()
+    return loss
 
 
 def checkpoint(val_loss=None):

@@ -1,0 +1,118 @@
+"""
+Validation loss, perplexity and bits per byte of a checkpoint, on the fixed validation set.
+
+    python -m eval.val_loss --ckpt_dir=out/small_tpa
+    python -m eval.val_loss --ckpt_dir=out/small_tpa --data_dir=data/fineweb-edu-100B --eval_tokens=104857600
+    torchrun --standalone --nproc_per_node=8 -m eval.val_loss --ckpt_dir=out/xl_tpa
+
+The tokens are the first eval_tokens of the val split, in windows of block_size + 1 (data/loader.py ValSet), so
+the number is the one train.py logs for the same checkpoint and budget, for any batch size or number of GPUs.
+Bits per byte: the summed loss in bits over the UTF-8 bytes of the predicted tokens. Results are printed and
+saved as val_loss.json next to the checkpoint.
+"""
+
+import json
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from data.loader import ValSet
+
+
+def token_byte_lengths(tokenizer):
+    """UTF-8 bytes of every token id of a tiktoken encoding (an array indexed by id)."""
+    import tiktoken
+    enc = tiktoken.get_encoding(tokenizer)
+    return np.array([len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)], dtype=np.int64)
+
+
+@torch.no_grad()
+def evaluate(model, val_set, batch_size, device="cpu", autocast=nullcontext(), rank=0, world_size=1, progress=False):
+    """Mean loss (nats per token) over the whole validation set, summed on every rank and reduced.
+
+    Batches are padded to batch_size with ignored targets, so a compiled model sees one shape only.
+    Returns {"loss", "tokens"}.
+    """
+    T = val_set.T
+    total = torch.zeros(2, device=device, dtype=torch.float64)  # sum of losses, tokens
+    batches = val_set.batches(batch_size, rank, world_size, device)
+    if progress and rank == 0:
+        from tqdm import tqdm
+        batches = tqdm(batches, total=-(-val_set.n_windows // (batch_size * world_size)), desc="val")
+    for x, y in batches:
+        n = x.size(0)
+        if n < batch_size:
+            x = torch.cat([x, x.new_zeros(batch_size - n, T)])
+            y = torch.cat([y, y.new_full((batch_size - n, T), -1)])
+        with autocast:
+            _, loss = model(x, y)
+        total += torch.stack([loss.double() * n * T, torch.tensor(n * T, device=device, dtype=torch.float64)])
+    if world_size > 1:
+        import torch.distributed as dist
+        dist.all_reduce(total)
+    return dict(loss=(total[0] / total[1]).item(), tokens=int(total[1].item()))
+
+
+def main():
+    from checkpoint import load_model
+    from configurator import configure
+    ckpt_dir = "out"  # a run directory (its newest checkpoint) or a ckpt_*.pt file
+    data_dir = ""  # default: the checkpoint's training data
+    eval_tokens = 0  # default: the checkpoint's eval_tokens
+    batch_size = 8
+    device = "auto"
+    dtype = "auto"
+    compile = False
+    try:
+        cfg = configure(locals(), sys.argv[1:])
+    except ValueError as e:
+        sys.exit(f"config error: {e}")
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    device = cfg["device"]
+    if device == "auto":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
+    if ddp:
+        import torch.distributed as dist
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    dtype = cfg["dtype"]
+    if dtype == "auto":
+        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    try:
+        model, ckpt = load_model(cfg["ckpt_dir"], device=device)
+    except (FileNotFoundError, ValueError) as e:
+        sys.exit(f"cannot load a checkpoint: {e}")
+    train_cfg = ckpt.get("config", {})
+    data_dir = cfg["data_dir"] or train_cfg.get("data_dir")
+    tokens = cfg["eval_tokens"] or train_cfg.get("eval_tokens", 10 * 2 ** 20)
+    if not data_dir:
+        sys.exit("give --data_dir (the checkpoint does not name its data)")
+    val_set = ValSet(data_dir, model.config.block_size, tokens)
+    if cfg["compile"]:
+        model = torch.compile(model)
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=ptdtype)
+    out = evaluate(model, val_set, cfg["batch_size"], device, autocast, rank, world_size, progress=True)
+    tokenizer = ckpt.get("meta", {}).get("tokenizer", "gpt2")
+    targets = val_set.data[1:val_set.n_windows * val_set.T + 1]
+    n_bytes = int(token_byte_lengths(tokenizer)[targets].sum())
+    out.update(ppl=math.exp(out["loss"]), bpb=out["loss"] * out["tokens"] / math.log(2) / n_bytes, bytes=n_bytes,
+               checkpoint=ckpt["path"], iter_num=ckpt["iter_num"], data_dir=data_dir, eval_tokens=tokens, dtype=dtype)
+    if rank == 0:
+        print(f"{ckpt['path']}: val loss {out['loss']:.4f} | ppl {out['ppl']:.2f} | bpb {out['bpb']:.4f} | "
+              f"{out['tokens']:,} tokens of {data_dir}")
+        path = os.path.join(os.path.dirname(ckpt["path"]), "val_loss.json")
+        with open(path, "w") as f:
+            json.dump(out, f, indent=1)
+    if ddp:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

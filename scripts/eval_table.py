@@ -1,0 +1,51 @@
+"""
+Collect harness results of several checkpoints into one table like the paper's Tables 2-3.
+
+    python -m scripts.eval_table out/medium_mha out/medium_tpa out/medium_mla   # their harness.json
+    python -m scripts.eval_table out/*_medium --shots=2 --names=MHA,T6
+
+Each argument is a run directory (or a harness.json) written by `python -m eval.harness`. One table per shot
+setting: a row per checkpoint, a column per task (the paper's metric), the average last.
+"""
+
+import argparse
+import json
+import os
+
+
+def load(path):
+    path = os.path.join(path, "harness.json") if os.path.isdir(path) else path
+    if not os.path.exists(path):
+        raise SystemExit(f"{path} does not exist: run python -m eval.harness --ckpt_dir=... first")
+    with open(path) as f:
+        return json.load(f)
+
+
+def tables(results, names, shots=None):
+    tasks = list(dict.fromkeys(t for r in results for t in r["tasks"]))
+    from eval.harness import PAPER_NAMES
+    out = []
+    all_shots = sorted({row["shots"] for r in results for row in r["rows"]})
+    for s in [x for x in all_shots if shots is None or x in shots]:
+        lines = [f"{s}-shot", "", "| Method | " + " | ".join(PAPER_NAMES.get(t, t) for t in tasks) + " | Avg |",
+                 "|---" * (len(tasks) + 2) + "|"]
+        for name, r in zip(names, results):
+            row = next((x for x in r["rows"] if x["shots"] == s), None)
+            if row is None:
+                continue
+            cells = [row["scores"].get(t, {}).get("value") for t in tasks]
+            lines.append(f"| {name} | " + " | ".join(f"{c:.2f}" if c is not None else "-" for c in cells)
+                         + (f" | {row['avg']:.2f} |" if row["avg"] is not None else " | - |"))
+        out.append("\n".join(lines))
+    return "\n\n".join(out)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+")
+    parser.add_argument("--names", default=None, help="comma-separated row names (default: the run folders)")
+    parser.add_argument("--shots", default=None, help="comma-separated shot settings to show")
+    args = parser.parse_args()
+    names = args.names.split(",") if args.names else [os.path.basename(os.path.normpath(r)) for r in args.runs]
+    shots = [int(s) for s in args.shots.split(",")] if args.shots else None
+    print(tables([load(r) for r in args.runs], names, shots))
