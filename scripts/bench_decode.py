@@ -123,7 +123,7 @@ def tune():
                         kw["num_splits"] = max(1, min(n_blocks, int(split_mul * 2 * sms / B)))
                         try:
                             ms = do_bench_cudagraph(lambda: flashtpa_decode_triton(*t, **kw), rep=30)
-                        except Exception as e:  # out of resources
+                        except Exception:  # out of resources
                             continue
                         results.append((ms, kw))
         results.sort(key=lambda r: r[0])

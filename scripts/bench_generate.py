@@ -18,22 +18,9 @@ import os
 import torch
 
 from model import GPT, KVCache, model_config
+from scripts.bench_decode import copy_bandwidth
 
 ATTNS = ["tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla"]
-
-
-def copy_bandwidth():
-    src = torch.empty(2 ** 29, dtype=torch.float32, device="cuda")  # 2 GiB
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(20):
-        dst.copy_(src)
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * src.numel() * 4 * 20 / (start.elapsed_time(end) * 1e-3)
 
 
 def build(attn, max_len):

@@ -200,7 +200,7 @@ def test_tpa_rope_on_b_equals_rope_on_qk(opts):
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_gqa_family_is_constant_a_tpa(n_kv_head):
     """Spec 1.6: MHA / GQA / MQA are TPA with constant one-hot / group-mask / all-ones A factors."""
-    H, D, G = 4, 16, n_kv_head
+    H, G = 4, n_kv_head
     attn = {4: "mha", 2: "gqa", 1: "mqa"}[G]
     gqa_model = randomize(tiny(attn, n_kv_head=G if attn == "gqa" else 0))
     tpa_model = tiny("tpa", tpa_const_a=True, q_rank=H, k_rank=G, v_rank=G)
