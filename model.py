@@ -722,13 +722,15 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, prompt_lens=None,
-                        stop_tokens=None, use_cache=True, use_kernel=True, cuda_graph=False, generator=None):
+                        stop_tokens=None, use_cache=True, use_kernel=True, cuda_graph=False, compile=False,
+                        generator=None):
         """Yield the next token of every sequence, (B,), max_new_tokens times (fewer if all stop).
 
         idx (B, T): prompts, right-padded when prompt_lens (B,) gives their lengths. use_cache=False
         recomputes the whole sequence at every step (the reference). use_kernel: FlashTPA on CUDA for TPA.
         cuda_graph: capture the decode step in a CUDA graph (CUDA only; batch-1 decoding is then not
-        bound by kernel launches).
+        bound by kernel launches). compile: torch.compile the decode step (fuses its elementwise work;
+        with cuda_graph the compiled step is what is captured).
         """
         B, T = idx.shape
         lens = torch.full((B,), T, device=idx.device) if prompt_lens is None else \
@@ -759,8 +761,9 @@ class GPT(nn.Module):
         cache.seqlens.copy_(lens)  # ragged prompts: each row continues after its own last token
         next_logits = logits[torch.arange(B), lens - 1]
         step_fn, host_len = None, T
+        decode = self.compiled_decode_step() if compile else self.decode_step
         if cuda_graph:
-            step_fn = self._graph_decode_step(cache, B)
+            step_fn = self._graph_decode_step(cache, B, decode)
         for step in range(max_new_tokens):
             tok = sample_logits(next_logits, temperature, top_k, top_p, generator)
             yield tok
@@ -775,10 +778,22 @@ class GPT(nn.Module):
             else:
                 host_len += 1
                 cache.kv_len = host_len  # an upper bound of seqlens + 1, known without a device sync
-                next_logits = self(tok[:, None], cache=cache)[0][:, -1]
+                next_logits = decode(tok[:, None], cache)
 
-    def _graph_decode_step(self, cache, B):
-        """Capture one decode step over the whole cache (kv_len = max_len) in a CUDA graph."""
+    def decode_step(self, tok, cache):
+        """tok (B, T) new tokens after what cache holds -> (B, V) logits of the last one (cache updated)."""
+        return self(tok, cache=cache)[0][:, -1]
+
+    def compiled_decode_step(self):
+        """decode_step through torch.compile, built once per model (recompiled only for new shapes)."""
+        if getattr(self, "_compiled_decode", None) is None:
+            self._compiled_decode = torch.compile(self.decode_step)
+        return self._compiled_decode
+
+    def _graph_decode_step(self, cache, B, decode=None):
+        """Capture one decode step (decode_step, or its compiled version) over the whole cache
+        (kv_len = max_len) in a CUDA graph."""
+        decode = decode or self.decode_step
         if not torch.cuda.is_available() or cache.seqlens.device.type != "cuda":
             raise ValueError("cuda_graph=True needs the model and the cache on a CUDA device")
         cache.kv_len = cache.max_len
@@ -787,19 +802,19 @@ class GPT(nn.Module):
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):  # warm up (compiles the Triton kernels); the writes are overwritten later
-            for _ in range(2):
-                self(static_tok, cache=cache)
+            for _ in range(3):
+                decode(static_tok, cache)
                 cache.seqlens.copy_(saved)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_logits = self(static_tok, cache=cache)[0]
+            static_logits = decode(static_tok, cache)
         cache.seqlens.copy_(saved)  # capturing does not run the step
 
         def step(tok):
             static_tok.copy_(tok[:, None])
             graph.replay()
-            return static_logits[:, -1]
+            return static_logits
         return step
 
     # -- accounting -------------------------------------------------------------

@@ -29,7 +29,7 @@ top_p = 1.0  # nucleus sampling: keep the smallest set with this much probabilit
 seed = 1337
 device = "auto"  # auto (cuda if present), cuda, cpu, ...
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16, float32
-compile = False  # torch.compile the model's forward
+compile = False  # torch.compile the decode step (fuses its elementwise kernels; first step compiles)
 cuda_graph = True  # on CUDA: capture the decode step in a CUDA graph
 use_kernel = True  # TPA on CUDA: FlashTPA for decode attention (False: the PyTorch reference)
 stream = True  # print tokens as they come
@@ -55,8 +55,6 @@ except (FileNotFoundError, ValueError) as e:
 enc = tiktoken.get_encoding(ckpt.get("meta", {}).get("tokenizer", "gpt2"))
 if enc.n_vocab > model.config.vocab_size:
     sys.exit(f"{ckpt['path']}: the tokenizer has {enc.n_vocab} tokens but the model only {model.config.vocab_size}")
-if compile:
-    model.forward = torch.compile(model.forward, dynamic=True)
 print(f"{ckpt['path']}: {model.config.attn} {model.num_params():,} parameters, iteration {ckpt['iter_num']}, "
       f"KV cache {model.kv_cache_elems_per_token() * ptdtype.itemsize:,} bytes per token", file=sys.stderr)
 
@@ -68,7 +66,7 @@ if len(ids) + max_new_tokens > model.config.block_size:
     sys.exit(f"the prompt has {len(ids)} tokens: with max_new_tokens={max_new_tokens} that is more than the "
              f"model's block_size={model.config.block_size}; shorten one of them")
 x = torch.tensor([ids], dtype=torch.long, device=device)
-options = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, use_kernel=use_kernel,
+options = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, use_kernel=use_kernel, compile=compile,
                cuda_graph=cuda_graph and device.startswith("cuda"), stop_tokens=None)
 
 for k in range(num_samples):

@@ -32,6 +32,7 @@ PyTorch references with the same signature; flashtpa_decode falls back to the fi
 """
 
 import math
+from typing import Optional
 
 import torch
 
@@ -265,6 +266,17 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     return out
 
 
+if HAS_TRITON:  # an opaque op for torch.compile: a compiled decode step keeps the kernel inside one graph
+    @torch.library.custom_op("tpa::flashtpa_decode", mutates_args=())
+    def _flashtpa_op(aq: torch.Tensor, bq: torch.Tensor, ak: torch.Tensor, bk: torch.Tensor, av: torch.Tensor,
+                     bv: torch.Tensor, seqlens: Optional[torch.Tensor], softmax_scale: Optional[float]) -> torch.Tensor:
+        return flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
+
+    @_flashtpa_op.register_fake
+    def _(aq, bq, ak, bk, av, bv, seqlens, softmax_scale):
+        return aq.new_empty(*aq.shape[:3], bv.shape[-1], dtype=bv.dtype)
+
+
 def flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, impl=None):
     """FlashTPA decode (see the module docstring). impl: None (Triton on CUDA, else the reference),
     "triton" or "ref"."""
@@ -273,7 +285,7 @@ def flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, im
     if impl == "triton":
         if not HAS_TRITON:
             raise RuntimeError("flashtpa_decode(impl='triton') needs the triton package")
-        return flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
+        return _flashtpa_op(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
     if impl == "ref":
         return flashtpa_decode_ref(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
     raise ValueError(f"impl={impl!r}: use None, 'triton' or 'ref'")

@@ -108,21 +108,23 @@ def bench_case(method, B, H, M, D=64):
 def tune():
     """Time the kernel's tile options on a few shapes (to set the heuristics in kernels/flashtpa.py)."""
     shapes = [(1, 2 ** 18, 32, (16, 1, 1)), (8, 2 ** 18, 32, (16, 1, 1)), (1, 4096, 32, (16, 1, 1)),
-              (16, 32768, 47, (6, 2, 2)), (1, 32768, 47, (6, 2, 2)), (16, 2 ** 16, 32, (16, 1, 1))]
+              (16, 2 ** 16, 32, (16, 1, 1)), (16, 32768, 47, (6, 2, 2)), (1, 32768, 47, (6, 2, 2))]
+    if os.environ.get("TUNE_SHAPES"):  # e.g. TUNE_SHAPES=0,1 for the first two
+        shapes = [shapes[int(i)] for i in os.environ["TUNE_SHAPES"].split(",")]
     for B, M, H, (Rq, Rk, Rv) in shapes:
         t = [rand(*s) for s in ((B, 1, H, Rq), (B, 1, Rq, 64), (B, M, H, Rk), (B, M, Rk, 64), (B, M, H, Rv), (B, M, Rv, 64))]
         nbytes = sum(x.numel() * 2 for x in t)
         results = []
-        for block_m in (32, 64, 128):
+        for block_m in (64, 128, 256):
             for warps in (4, 8):
-                for stages in (2, 3, 4):
+                for stages in (1, 2, 3, 4):
                     for split_mul in (0.5, 1, 2, 4):
                         kw = dict(block_m=block_m, num_warps=warps, num_stages=stages)
                         n_blocks = triton.cdiv(M, block_m)
                         sms = torch.cuda.get_device_properties(0).multi_processor_count
                         kw["num_splits"] = max(1, min(n_blocks, int(split_mul * 2 * sms / B)))
                         try:
-                            ms = do_bench_cudagraph(lambda: flashtpa_decode_triton(*t, **kw), rep=30)
+                            ms = do_bench_cudagraph(lambda: flashtpa_decode_triton(*t, **kw), rep=20)
                         except Exception:  # out of resources
                             continue
                         results.append((ms, kw))

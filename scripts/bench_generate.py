@@ -5,8 +5,9 @@ Decoding speed of whole models: Medium-size models of every mechanism (random we
     python -m scripts.bench_generate --quick
 
 For each (mechanism, B, context) the cache is filled with random values up to the context, and decode steps
-(one token per sequence) are timed with CUDA events, as a CUDA graph (kv_len = the cache size, masked) and
-eagerly (kv_len = the exact length, no mask, so SDPA can use its flash kernel); the faster is reported.
+(one token per sequence) are timed with CUDA events in each --modes: "compiled graph" (the torch.compile'd
+step captured in a CUDA graph, what `sample.py --compile=True` runs), "cuda graph" (the eager step captured),
+"eager" (kv_len = the exact length, no mask); the fastest is reported, with every mode's time.
 Lower bound per step: (weights + cache bytes read) / the device-to-device copy bandwidth measured in the same
 run. Also: the largest context whose cache fits the GPU at B=16 (computed, then allocated to check).
 """
@@ -34,7 +35,8 @@ def build(attn, max_len):
 
 
 @torch.no_grad()
-def time_decode(model, B, ctx, graph, steps=20, warmup=3):
+def time_decode(model, B, ctx, mode, steps=20, warmup=3):
+    """(ms per step, cache bytes in use) of decode steps in mode "compiled graph", "cuda graph" or "eager"."""
     max_len = ctx + steps + warmup + 4
     cache = KVCache(model, B, max_len)
     for layer in cache.layers:
@@ -42,8 +44,8 @@ def time_decode(model, B, ctx, graph, steps=20, warmup=3):
             t.normal_(0, 0.5)
     cache.seqlens.fill_(ctx)
     tok = torch.randint(0, 50257, (B,), device="cuda")
-    if graph:
-        step = model._graph_decode_step(cache, B)
+    if mode != "eager":
+        step = model._graph_decode_step(cache, B, model.compiled_decode_step() if mode == "compiled graph" else None)
     else:
         cache.uniform = True
         length = [ctx]
@@ -68,6 +70,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="benchmarks/generate.jsonl")
+    parser.add_argument("--attns", default=",".join(ATTNS))
+    parser.add_argument("--modes", default="compiled graph,cuda graph", help="of: compiled graph, cuda graph, eager")
     args = parser.parse_args()
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -75,29 +79,28 @@ def main():
     print(f"{name}: copy bandwidth {bw / 1e9:.0f} GB/s, memory {total_mem / 2 ** 30:.1f} GiB", flush=True)
     contexts = [1024, 8192, 32768] if not args.quick else [1024, 32768]
     rows = []
-    for attn in ATTNS if not args.quick else ["tpa", "mha"]:
+    for attn in args.attns.split(",") if not args.quick else ["tpa", "mha"]:
         model = build(attn, max(contexts) + 64)
         weight_bytes = model.num_params() * 2
         for B in (1, 16):
             for ctx in contexts:
-                best = None
-                for graph in (True, False):
+                times = {}
+                for mode in args.modes.split(","):
                     try:
-                        ms, cache_bytes = time_decode(model, B, ctx, graph)
+                        times[mode] = time_decode(model, B, ctx, mode)
                     except torch.cuda.OutOfMemoryError:
                         continue
                     finally:
                         torch.cuda.empty_cache()
-                    if best is None or ms < best[0]:
-                        best = (ms, cache_bytes, graph)
-                if best is None:
+                if not times:
                     rows.append(dict(attn=attn, B=B, context=ctx, oom=True))
                     continue
-                ms, cache_bytes, graph = best
+                mode = min(times, key=lambda k: times[k][0])
+                ms, cache_bytes = times[mode]
                 bound_ms = (weight_bytes + cache_bytes) / bw * 1e3
                 rows.append(dict(device=name, attn=attn, B=B, context=ctx, ms_per_step=ms, tokens_per_s=B / ms * 1e3,
                                  kv_cache_gib=cache_bytes / 2 ** 30, bound_ms=bound_ms, pct_of_bound=100 * bound_ms / ms,
-                                 mode="cuda graph" if graph else "eager"))
+                                 mode=mode, ms_by_mode={k: v[0] for k, v in times.items()}))
                 print(json.dumps(rows[-1]), flush=True)
         # the largest context at B=16 that fits: what is free beside the model, less 2 GiB of working space
         per_token = model.kv_cache_elems_per_token() * 2 * 16
@@ -117,12 +120,15 @@ def main():
     with open(args.out, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"\nMedium models, bf16, {name}, copy bandwidth {bw / 1e9:.0f} GB/s")
-    print("| mechanism | B | context | ms / step | tokens/s | KV cache | lower bound | % of bound | mode |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    modes = args.modes.split(",")
+    print("| mechanism | B | context | ms / step | tokens/s | KV cache | lower bound | % of bound | best mode | "
+          + " | ".join(f"ms ({m})" for m in modes) + " |")
+    print("|---|---|---|---|---|---|---|---|---|" + "---|" * len(modes))
     for r in rows:
         if "ms_per_step" in r:
             print(f"| {r['attn']} | {r['B']} | {r['context']} | {r['ms_per_step']:.3f} | {r['tokens_per_s']:,.0f} | "
-                  f"{r['kv_cache_gib']:.2f} GiB | {r['bound_ms']:.3f} ms | {r['pct_of_bound']:.0f}% | {r['mode']} |")
+                  f"{r['kv_cache_gib']:.2f} GiB | {r['bound_ms']:.3f} ms | {r['pct_of_bound']:.0f}% | {r['mode']} | "
+                  + " | ".join(f"{r['ms_by_mode'][m]:.3f}" if m in r["ms_by_mode"] else "-" for m in modes) + " |")
         elif r.get("oom"):
             print(f"| {r['attn']} | {r['B']} | {r['context']} | out of memory | | | | | |")
     print(f"\n| mechanism | KV bytes / token | largest context at B=16 on this GPU ({total_mem / 2 ** 30:.0f} GiB, weights and 2 GiB kept) |")
