@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, flashtpa_decode
+from kernels import HAS_TRITON, flashtpa_decode, tpa_materialize
 
 
 # -----------------------------------------------------------------------------
@@ -399,6 +399,7 @@ class TPA(Attention):
         self.rope_dim = self.fdims[0]
         self.ranks = {"q": config.q_rank, "k": config.k_rank, "v": config.v_rank}
         self.factored = "qkv" if self.factor_q else "kv"
+        self.materialize_kernel = True  # False: always the PyTorch reference of the materialisation
         # the fused projection: one (name, width, init bound) per output slice
         official = config.tpa_init == "official"
         xavier = lambda n_out: math.sqrt(6 / (C + n_out))
@@ -464,17 +465,9 @@ class TPA(Attention):
         return a, b
 
     def materialize(self, a, b, n):
-        """(1/R) A^T B per token: (B, T, H, R) x (B, T, R, D) -> (B, H, T, D), heads first for SDPA.
-
-        A sum of R broadcast products, not a matmul: torch.compile fuses it (with RoPE and the 1/R) into
-        pointwise kernels, where cuBLAS would run a batched matmul with K = R (2 to 6), slowly. Writing the
-        heads-first layout here keeps SDPA's gradients (heads first too) from being transposed again.
-        """
-        a, b = a.transpose(1, 2), b.unsqueeze(1)  # (B, H, T, R), (B, 1, T, R, D)
-        x = a[..., 0, None] * b[..., 0, :]
-        for r in range(1, a.size(-1)):
-            x = x + a[..., r, None] * b[..., r, :]
-        return x * (1.0 / self.ranks[n])
+        """(1/R) A^T B per token: (B, T, H, R) x (B, T, R, D) -> (B, H, T, D), heads first for SDPA (so that
+        SDPA's heads-first gradients are not transposed again). On CUDA a Triton op (kernels/materialize.py)."""
+        return tpa_materialize(a, b, 1.0 / self.ranks[n], impl=None if self.materialize_kernel else "ref")
 
     def forward(self, x, rope, cache=None):
         B, T, _ = x.shape
@@ -785,9 +778,9 @@ class GPT(nn.Module):
         return self(tok, cache=cache)[0][:, -1]
 
     def compiled_decode_step(self):
-        """decode_step through torch.compile, built once per model (recompiled only for new shapes)."""
+        """decode_step through torch.compile, built once per model (dynamic shapes: any batch size and cache length)."""
         if getattr(self, "_compiled_decode", None) is None:
-            self._compiled_decode = torch.compile(self.decode_step)
+            self._compiled_decode = torch.compile(self.decode_step, dynamic=True)
         return self._compiled_decode
 
     def _graph_decode_step(self, cache, B, decode=None):

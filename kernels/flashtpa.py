@@ -185,29 +185,32 @@ if HAS_TRITON:
         tl.store(lse_ptr + b * s_l_b + split * s_l_split + rows, lse, mask=row_ok)
 
     @triton.jit
-    def _flashtpa_combine_kernel(part_ptr, lse_ptr, out_ptr, n_splits, n_rows,
+    def _flashtpa_combine_kernel(part_ptr, lse_ptr, out_ptr, n_splits,
                                  s_p_b, s_p_split, s_p_row, s_l_b, s_l_split, s_o_b, s_o_row,
-                                 E: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_E: tl.constexpr):
-        row_block = tl.program_id(0)
+                                 E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+        # one program per (row, sequence); the splits in chunks of BLOCK_S, each chunk one 2-D load
+        row = tl.program_id(0)
         b = tl.program_id(1).to(tl.int64)
-        rows = row_block * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
-        row_ok = rows < n_rows
+        offs_s = tl.arange(0, BLOCK_S)
         offs_e = tl.arange(0, BLOCK_E)
-        ok = row_ok[:, None] & (offs_e[None, :] < E)
+        l_ptrs = lse_ptr + b * s_l_b + row
         # max-LSE rule: weights exp(lse_i - max lse) <= 1; splits with no visible key have lse = -inf
-        m = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
-        for i in range(n_splits):
-            m = tl.maximum(m, tl.load(lse_ptr + b * s_l_b + i * s_l_split + rows, mask=row_ok, other=float("-inf")))
-        m = tl.where(m == float("-inf"), 0.0, m)
-        den = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_ROWS, BLOCK_E), dtype=tl.float32)
-        for i in range(n_splits):
-            w = tl.exp(tl.load(lse_ptr + b * s_l_b + i * s_l_split + rows, mask=row_ok, other=float("-inf")) - m)
-            part = tl.load(part_ptr + b * s_p_b + i * s_p_split + rows[:, None] * s_p_row + offs_e[None, :], mask=ok, other=0.0)
+        m = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            m = tl.maximum(m, tl.load(l_ptrs + (s0 + offs_s) * s_l_split, mask=s0 + offs_s < n_splits, other=float("-inf")))
+        m_all = tl.max(m, axis=0)
+        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+        den = tl.zeros((BLOCK_S,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            ok = s0 + offs_s < n_splits
+            w = tl.exp(tl.load(l_ptrs + (s0 + offs_s) * s_l_split, mask=ok, other=float("-inf")) - m_all)
+            part = tl.load(part_ptr + b * s_p_b + (s0 + offs_s)[:, None] * s_p_split + row * s_p_row + offs_e[None, :],
+                           mask=ok[:, None] & (offs_e[None, :] < E), other=0.0)
             den += w
             acc += w[:, None] * part
-        out = acc / tl.where(den == 0.0, 1.0, den)[:, None]
-        tl.store(out_ptr + b * s_o_b + rows[:, None] * s_o_row + offs_e[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
+        out = tl.sum(acc, axis=0) / tl.maximum(tl.sum(den, axis=0), 1e-30)  # den = 0 only if no key is visible
+        tl.store(out_ptr + b * s_o_b + row * s_o_row + offs_e, out.to(out_ptr.dtype.element_ty), mask=offs_e < E)
 
 
 _SM_COUNT = {}
@@ -230,14 +233,14 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     n_rows = N * H
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
-    # tiles measured on an H100 (scripts/bench_decode.py --tune): long blocks of the cache per step, one
-    # program per SM for a single sequence, about two per SM in a batch
+    # tiles measured on an H100 (scripts/bench_decode.py --tune): long blocks of the cache per step; one
+    # program per SM for a single sequence, two per SM in a batch (in all, not per sequence)
     wide = bk.dtype == torch.float32 or max(D, E) > 64  # bigger tiles: fewer stages fit in shared memory
     BLOCK_M = block_m or (32 if wide else 64 if BLOCK_ROWS > 32 else 128)
     n_blocks = triton.cdiv(M, BLOCK_M)
     if num_splits is None:  # M sets the grid, never the compiled code
-        per_batch = triton.cdiv(_num_sms(dev), B * row_blocks)
-        num_splits = max(1, min(n_blocks, per_batch * (2 if B > 4 else 1)))
+        programs = _num_sms(dev) * (1 if B * row_blocks == 1 else 2)
+        num_splits = max(1, min(n_blocks, triton.cdiv(programs, B * row_blocks)))
     if num_warps is None:
         num_warps = 8 if BLOCK_M == 128 and B * row_blocks == 1 else 4
     blocks_per_split = triton.cdiv(n_blocks, num_splits)
@@ -258,10 +261,10 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         num_warps=num_warps, num_stages=num_stages or (1 if wide else 3),
     )
     if not single:
-        _flashtpa_combine_kernel[(triton.cdiv(n_rows, 32), B)](
-            part, lse, out, num_splits, n_rows, part.stride(0), part.stride(1), part.stride(2),
-            lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_ROWS=32, BLOCK_E=triton.next_power_of_2(E),
-            num_warps=4,
+        _flashtpa_combine_kernel[(n_rows, B)](
+            part, lse, out, num_splits, part.stride(0), part.stride(1), part.stride(2),
+            lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_S=32, BLOCK_E=triton.next_power_of_2(E),
+            num_warps=2,
         )
     return out
 

@@ -52,6 +52,17 @@ def test_cache_equals_recompute(attn, opts):
         assert err <= 1e-5, (prefill, err)
 
 
+@pytest.mark.parametrize("attn", ["tpa", "mla"])
+def test_compiled_decode_step(attn):
+    """generate(compile=True): the torch.compile'd decode step gives the eager tokens (ragged batch too)."""
+    model = randomize(tiny(attn), std=0.1)
+    idx = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(2))
+    for lens in (None, [6, 2, 4]):
+        eager = model.generate(idx, 6, top_k=1, prompt_lens=lens)
+        compiled = model.generate(idx, 6, top_k=1, prompt_lens=lens, compile=True)
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
+
+
 def test_mla_absorbed_equals_naive():
     for opts in ({}, dict(q_lora_rank=0), dict(attn_gate=True)):
         model = randomize(tiny("mla", **opts), std=0.1)

@@ -67,6 +67,9 @@ def test_any_strides_and_splits():
     assert not ak.is_contiguous() and not bv.is_contiguous()
     for splits in (1, 3, 10):
         check(t, torch.tensor([150, 90]), torch.float32, atol=1e-6, num_splits=splits, block_m=16)
+    # more splits than the combine kernel reads at once (32), and splits past the shorter sequence's end
+    t = factors(2, 1, 1100, 3, 2, 1, 1, 16, 16, seed=4)
+    check(t, torch.tensor([1100, 300]), torch.float32, atol=1e-6, num_splits=69, block_m=16)
 
 
 def logit_controlled(M, logits, H=4, D=16):
