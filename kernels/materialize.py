@@ -8,8 +8,8 @@ tpa_materialize_ref is the PyTorch reference with the same signature, used elsew
 backward, db[t, r, :] = scale * sum_h a[t, h, r] g[h, t, :] and da[t, h, r] = scale * g[h, t, :] . b[t, r, :],
 is a reduction over heads of the heads-first gradient that torch.compile turns into a strided reduction at a
 fraction of the memory bandwidth (and a batched matmul with K = R is no better). Here one program owns a block
-of BLOCK_T tokens of one sequence and, for each rank, walks the heads: every tile it reads or writes is a
-contiguous (BLOCK_T, D) block of one head, and the gradient of B for that rank stays in registers.
+of BLOCK_T tokens of one sequence and walks the heads, HB at a time, with each head's (BLOCK_T, D) gradient tile
+read once, contiguously, and the per-token products done as block-diagonal matmuls on the tensor cores.
 """
 
 import torch
@@ -37,58 +37,88 @@ def tpa_materialize_ref(a, b, scale):
 
 if HAS_TRITON:
 
+    # Tensor cores for per-token products with K = R: a block of BLOCK_T tokens and HB heads is one matmul
+    # against a block-diagonal factor, W[(t, r), (h, t')] = a[t, h, r] if t = t' else 0 (loaded with a mask, so
+    # the zeros cost no memory traffic). Rows (h, t) of a heads-first tile are contiguous (BLOCK_T, D) blocks.
+
     @triton.jit
     def _materialize_fwd(a_ptr, b_ptr, o_ptr, T, H, s_ab, s_at, s_ah, s_ar, s_bb, s_bt, s_br, s_bd,
                          s_ob, s_oh, s_ot, s_od, scale,
-                         R: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                         R: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr, HB: tl.constexpr, IEEE: tl.constexpr):
         pid_t, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t0 = pid_t * BLOCK_T
+        # B block as (BLOCK_T * BLOCK_R, BLOCK_D): row k = (t, r)
+        k = tl.arange(0, BLOCK_T * BLOCK_R)
+        kt, kr = t0 + k // BLOCK_R, k % BLOCK_R
         d = tl.arange(0, BLOCK_D)
-        t_ok = t < T
-        td_ok = t_ok[:, None] & (d[None, :] < D)
-        for h in range(H):
-            x = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-            for r in tl.static_range(R):  # the B tiles are re-read from L1 for every head
-                a_r = tl.load(a_ptr + bi * s_ab + t * s_at + h * s_ah + r * s_ar, mask=t_ok, other=0.0)
-                b_r = tl.load(b_ptr + bi * s_bb + t[:, None] * s_bt + r * s_br + d[None, :] * s_bd, mask=td_ok, other=0.0)
-                x += a_r.to(tl.float32)[:, None] * b_r.to(tl.float32)
-            tl.store(o_ptr + bi * s_ob + h * s_oh + t[:, None] * s_ot + d[None, :] * s_od,
-                     (x * scale).to(o_ptr.dtype.element_ty), mask=td_ok)
+        bmat = tl.load(b_ptr + bi * s_bb + kt[:, None] * s_bt + kr[:, None] * s_br + d[None, :] * s_bd,
+                       mask=((kt < T) & (kr < R))[:, None] & (d[None, :] < D), other=0.0)
+        # output rows i = (h, t) of a head block
+        i = tl.arange(0, HB * BLOCK_T)
+        ih, it = i // BLOCK_T, t0 + i % BLOCK_T
+        diag = (it[:, None] == kt[None, :]) & (kr[None, :] < R) & (it[:, None] < T)
+        for h0 in range(0, H, HB):
+            h = h0 + ih
+            w = tl.load(a_ptr + bi * s_ab + it[:, None] * s_at + h[:, None] * s_ah + kr[None, :] * s_ar,
+                        mask=diag & (h[:, None] < H), other=0.0)  # (HB * BLOCK_T, BLOCK_T * BLOCK_R)
+            if IEEE:
+                x = tl.dot(w, bmat, input_precision="ieee")
+            else:
+                x = tl.dot(w, bmat)
+            tl.store(o_ptr + bi * s_ob + h[:, None] * s_oh + it[:, None] * s_ot + d[None, :] * s_od,
+                     (x * scale).to(o_ptr.dtype.element_ty), mask=((h < H) & (it < T))[:, None] & (d[None, :] < D))
 
     @triton.jit
     def _materialize_bwd(a_ptr, b_ptr, g_ptr, da_ptr, db_ptr, T, H, s_ab, s_at, s_ah, s_ar, s_bb, s_bt, s_br, s_bd,
                          s_gb, s_gh, s_gt, s_gd, scale,
-                         R: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
-        # da and db are contiguous, shaped like a and b. Per rank r: walk the heads, reading each head's
-        # gradient tile (from L2 after the first rank), da[:, h, r] = g_h . b_r and db_r += a[:, h, r] g_h
+                         R: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_D: tl.constexpr, HB: tl.constexpr, IEEE: tl.constexpr):
+        # da and db are contiguous, shaped like a and b
         pid_t, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        t0 = pid_t * BLOCK_T
+        k = tl.arange(0, BLOCK_T * BLOCK_R)
+        kt, kr = t0 + k // BLOCK_R, k % BLOCK_R
         d = tl.arange(0, BLOCK_D)
-        t_ok = t < T
-        td_ok = t_ok[:, None] & (d[None, :] < D)
-        for r in tl.static_range(R):
-            b_r = tl.load(b_ptr + bi * s_bb + t[:, None] * s_bt + r * s_br + d[None, :] * s_bd, mask=td_ok,
-                          other=0.0).to(tl.float32)
-            db = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
-            for h in range(H):
-                g = tl.load(g_ptr + bi * s_gb + h * s_gh + t[:, None] * s_gt + d[None, :] * s_gd, mask=td_ok,
-                            other=0.0).to(tl.float32)
-                a_r = tl.load(a_ptr + bi * s_ab + t * s_at + h * s_ah + r * s_ar, mask=t_ok, other=0.0).to(tl.float32)
-                tl.store(da_ptr + (bi * T + t) * (H * R) + h * R + r, (tl.sum(g * b_r, axis=1) * scale).to(da_ptr.dtype.element_ty),
-                         mask=t_ok)
-                db += a_r[:, None] * g
-            tl.store(db_ptr + ((bi * T + t[:, None]) * R + r) * D + d[None, :], (db * scale).to(db_ptr.dtype.element_ty),
-                     mask=td_ok)
+        kd_ok = ((kt < T) & (kr < R))[:, None] & (d[None, :] < D)
+        bmat = tl.load(b_ptr + bi * s_bb + kt[:, None] * s_bt + kr[:, None] * s_br + d[None, :] * s_bd,
+                       mask=kd_ok, other=0.0)  # (BLOCK_T * BLOCK_R, BLOCK_D)
+        i = tl.arange(0, HB * BLOCK_T)
+        ih, it = i // BLOCK_T, t0 + i % BLOCK_T
+        diag = (it[:, None] == kt[None, :]) & (kr[None, :] < R) & (it[:, None] < T)  # (HB * BLOCK_T, BLOCK_T * BLOCK_R)
+        db = tl.zeros((BLOCK_T * BLOCK_R, BLOCK_D), dtype=tl.float32)
+        for h0 in range(0, H, HB):
+            h = h0 + ih
+            g = tl.load(g_ptr + bi * s_gb + h[:, None] * s_gh + it[:, None] * s_gt + d[None, :] * s_gd,
+                        mask=((h < H) & (it < T))[:, None] & (d[None, :] < D), other=0.0)  # (HB * BLOCK_T, BLOCK_D)
+            w_mask = diag & (h[:, None] < H)
+            w = tl.load(a_ptr + bi * s_ab + it[:, None] * s_at + h[:, None] * s_ah + kr[None, :] * s_ar,
+                        mask=w_mask, other=0.0)
+            if IEEE:
+                db += tl.dot(tl.trans(w), g, input_precision="ieee")
+                s = tl.dot(g, tl.trans(bmat), input_precision="ieee")  # [(h, t), (t', r)] = g_h,t . b_t',r
+            else:
+                db += tl.dot(tl.trans(w), g)
+                s = tl.dot(g, tl.trans(bmat))
+            tl.store(da_ptr + (bi * T + it[:, None]) * (H * R) + h[:, None] * R + kr[None, :],
+                     (s * scale).to(da_ptr.dtype.element_ty), mask=w_mask)
+        tl.store(db_ptr + ((bi * T + kt[:, None]) * R + kr[:, None]) * D + d[None, :], (db * scale).to(db_ptr.dtype.element_ty),
+                 mask=kd_ok)
 
-    BLOCK_T = 32  # tokens per program
+    def _tiles(a, b):
+        R, D = a.shape[-1], b.shape[-1]
+        BLOCK_T = 8  # the block-diagonal matmuls do BLOCK_T times the useful work: cheap on tensor cores
+        BLOCK_R = max(triton.next_power_of_2(R), 16 // BLOCK_T)  # tl.dot needs K >= 16
+        return dict(R=R, D=D, BLOCK_T=BLOCK_T, BLOCK_R=BLOCK_R, BLOCK_D=max(16, triton.next_power_of_2(D)), HB=4,
+                    IEEE=a.dtype == torch.float32, num_warps=4)
 
     def tpa_materialize_triton_fwd(a, b, scale):
         B, T, H, R = a.shape
         D = b.shape[-1]
         out = torch.empty(B, H, T, D, device=a.device, dtype=torch.result_type(a, b))
-        _materialize_fwd[(triton.cdiv(T, BLOCK_T), B)](
-            a, b, out, T, H, *a.stride(), *b.stride(), *out.stride(), scale,
-            R=R, D=D, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        tiles = _tiles(a, b)
+        _materialize_fwd[(triton.cdiv(T, tiles["BLOCK_T"]), B)](
+            a, b, out, T, H, *a.stride(), *b.stride(), *out.stride(), scale, **tiles)
         return out
 
     def tpa_materialize_triton_bwd(a, b, g, scale):
@@ -96,9 +126,9 @@ if HAS_TRITON:
         D = b.shape[-1]
         da = torch.empty(B, T, H, R, device=a.device, dtype=a.dtype)
         db = torch.empty(B, T, R, D, device=b.device, dtype=b.dtype)
-        _materialize_bwd[(triton.cdiv(T, BLOCK_T), B)](
-            a, b, g, da, db, T, H, *a.stride(), *b.stride(), *g.stride(), scale,
-            R=R, D=D, BLOCK_T=BLOCK_T, BLOCK_D=triton.next_power_of_2(D), num_warps=4)
+        tiles = _tiles(a, b)
+        _materialize_bwd[(triton.cdiv(T, tiles["BLOCK_T"]), B)](
+            a, b, g, da, db, T, H, *a.stride(), *b.stride(), *g.stride(), scale, **tiles)
         return da, db
 
     @torch.library.custom_op("tpa::materialize", mutates_args=())
