@@ -164,6 +164,8 @@ def main():
     parser.add_argument("--check_only", action="store_true")
     parser.add_argument("--tune", action="store_true", help="time the kernel's tile options on a few shapes")
     parser.add_argument("--out", default="benchmarks/decode.csv")
+    parser.add_argument("--Bs", default="1,8,16", help="batch sizes of the full sweep")
+    parser.add_argument("--d_models", default="1024,2048,3072", help="model widths of the full sweep (H = d_model / 64)")
     args = parser.parse_args()
     name = torch.cuda.get_device_name()
     if args.tune:
@@ -173,7 +175,8 @@ def main():
         return
     bw = copy_bandwidth()
     print(f"{name}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)", flush=True)
-    Bs, ds, Ms = ([1, 8, 16], [1024, 2048, 3072], [2 ** k for k in range(12, 20)]) if not args.quick else \
+    Bs, ds, Ms = ([int(b) for b in args.Bs.split(",")], [int(d) for d in args.d_models.split(",")],
+                  [2 ** k for k in range(12, 20)]) if not args.quick else \
         ([1, 8], [2048], [2 ** 12, 2 ** 16, 2 ** 18])
     methods = ["tpa16", "tpa6", "mqa", "gqa4", "mha", "mla"]
     rows = []
