@@ -71,18 +71,20 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default="benchmarks/generate.jsonl")
     parser.add_argument("--attns", default=",".join(ATTNS))
+    parser.add_argument("--Bs", default="1,16")
+    parser.add_argument("--contexts", default="1024,8192,32768")
     parser.add_argument("--modes", default="compiled graph,cuda graph", help="of: compiled graph, cuda graph, eager")
     args = parser.parse_args()
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     total_mem = torch.cuda.mem_get_info()[1]
     print(f"{name}: copy bandwidth {bw / 1e9:.0f} GB/s, memory {total_mem / 2 ** 30:.1f} GiB", flush=True)
-    contexts = [1024, 8192, 32768] if not args.quick else [1024, 32768]
+    contexts = [int(c) for c in args.contexts.split(",")] if not args.quick else [1024, 32768]
     rows = []
     for attn in args.attns.split(",") if not args.quick else ["tpa", "mha"]:
         model = build(attn, max(contexts) + 64)
         weight_bytes = model.num_params() * 2
-        for B in (1, 16):
+        for B in [int(b) for b in args.Bs.split(",")]:
             for ctx in contexts:
                 times = {}
                 for mode in args.modes.split(","):
