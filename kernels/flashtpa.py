@@ -240,7 +240,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     n_blocks = triton.cdiv(M, BLOCK_M)
     if num_splits is None:  # M sets the grid, never the compiled code
         programs = _num_sms(dev) * (1 if B * row_blocks == 1 else 2)
-        num_splits = max(1, min(n_blocks, triton.cdiv(programs, B * row_blocks)))
+        num_splits = max(1, min(n_blocks, programs // (B * row_blocks)))  # never a partial second wave
     if num_warps is None:
         num_warps = 8 if BLOCK_M == 128 and B * row_blocks == 1 else 4
     blocks_per_split = triton.cdiv(n_blocks, num_splits)
