@@ -159,7 +159,25 @@ _FIELD = None
 def _init_worker(tokenizer, text_field):
     global _ENC, _FIELD
     import tiktoken
-    _ENC, _FIELD = tiktoken.get_encoding(tokenizer), text_field
+    if _ENC is None or _ENC.name != tokenizer:  # forked workers inherit the parent's (see prepare)
+        _ENC = tiktoken.get_encoding(tokenizer)
+    _FIELD = text_field
+
+
+_PARQUET = [None, None, None]  # this worker's open parquet file: path, file object, ParquetFile
+
+
+def _parquet_file(path):
+    """The ParquetFile of path, kept open across units: a worker gets a file's row groups one after another,
+    and reopening means parsing the footer again (an HTTP round trip or more for hub files)."""
+    if _PARQUET[0] != path:
+        import fsspec
+        import pyarrow.parquet as pq
+        if _PARQUET[1] is not None:
+            _PARQUET[1].close()
+        f = fsspec.open(path, "rb").open()
+        _PARQUET[:] = [path, f, pq.ParquetFile(f)]
+    return _PARQUET[2]
 
 
 def _texts_from_records(records, where):
@@ -176,14 +194,11 @@ def _texts_from_records(records, where):
 def _texts(unit):
     kind = unit[0]
     if kind == "parquet":
-        import fsspec
-        import pyarrow.parquet as pq
         _, path, group = unit
-        with fsspec.open(path, "rb") as f:
-            pf = pq.ParquetFile(f)
-            if _FIELD not in pf.schema_arrow.names:
-                raise ValueError(f"{path}: no column {_FIELD!r} (columns: {pf.schema_arrow.names}); pass --text_field=NAME")
-            return pf.read_row_group(group, columns=[_FIELD]).column(0).to_pylist()
+        pf = _parquet_file(path)
+        if _FIELD not in pf.schema_arrow.names:
+            raise ValueError(f"{path}: no column {_FIELD!r} (columns: {pf.schema_arrow.names}); pass --text_field=NAME")
+        return pf.read_row_group(group, columns=[_FIELD]).column(0).to_pylist()
     if kind == "lines":
         _, path, start, end = unit
         with open(path, "rb") as f:
@@ -319,7 +334,10 @@ def prepare(files, out_dir, prefix, source, tokenizer="gpt2", workers=None, shar
     from tqdm import tqdm
     bar = tqdm(total=max_tokens or total_hint, initial=writer.written, unit="tok", unit_scale=True,
                disable=not progress, smoothing=0.05, desc=f"{prefix} -> {out_dir}")
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    fork = "fork" in mp.get_all_start_methods()
+    ctx = mp.get_context("fork" if fork else "spawn")
+    if fork:  # load the tokenizer once, here: forked workers start with it (pool start-up ~0.3 s faster)
+        _init_worker(tokenizer, text_field)
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, text_field)) as pool:
             pending = deque()
