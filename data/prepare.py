@@ -43,7 +43,8 @@ from data.shards import HEADER_BYTES, open_shard, read_header, write_shard
 FINEWEB = "HuggingFaceFW/fineweb-edu"
 FINEWEB_VERSIONS = {"10B": 10e9, "100B": 100e9, "350B": 350e9}  # config sample-<v>T; nominal tokens
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-CHUNK_BYTES = 4 << 20  # JSON-lines work units: ~4 MB of text each (part of the output's definition)
+CHUNK_BYTES = 1 << 20  # JSON-lines work units: ~1 MB of text (small units keep many workers busy to the end;
+# the shards do not depend on it, a resume state does: it is saved with the state and checked)
 COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".zst": None, ".bz2": bz2.open}
 STATE, META = "prepare_state.json", "meta.json"
 
