@@ -121,3 +121,10 @@ def test_shape_errors():
         flashtpa_decode(*t, seqlens=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="impl='cuda'"):
         flashtpa_decode(*t, impl="cuda")
+
+
+@needs_triton
+def test_custom_op_registration():
+    """torch.library.opcheck of tpa::flashtpa_decode (what a torch.compile'd decode step calls)."""
+    t = [x.float().to(DEVICE) for x in factors(2, 1, 40, 3, 2, 1, 1, 16, 16, seed=5)]
+    torch.library.opcheck(torch.ops.tpa.flashtpa_decode.default, (*t, torch.tensor([40, 17], device=DEVICE), None))

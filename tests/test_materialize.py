@@ -46,3 +46,12 @@ def test_dispatch_and_broadcast():
     torch.testing.assert_close(out, 0.5 * torch.einsum("bthr,btrd->bhtd", a.expand(2, 3, 4, 2), b))
     with pytest.raises(ValueError, match="impl='cuda'"):
         tpa_materialize(a, b, 0.5, impl="cuda")
+
+
+@needs_triton
+def test_custom_op_registration():
+    """torch.library.opcheck: schema, fake (meta) kernel, autograd and torch.compile tracing of tpa::materialize."""
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(1, 9, 3, 2, generator=g).to(DEVICE).requires_grad_(True)
+    b = torch.randn(1, 9, 2, 16, generator=g).to(DEVICE).requires_grad_(True)
+    torch.library.opcheck(torch.ops.tpa.materialize.default, (a, b, 0.5))
