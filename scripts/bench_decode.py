@@ -2,7 +2,7 @@
 Decode-attention benchmark (paper Sec. 6.2, Figure 5): one layer, one decode step, on a CUDA GPU.
 
     python -m scripts.bench_decode                       # the full sweep -> benchmarks/decode.csv, decode.png
-    python -m scripts.bench_decode --quick               # a few points
+    python -m scripts.bench_decode --quick               # d_model 2048, B 1/8/16, M 2^12, 2^16, 2^18 (~2 min)
     python -m scripts.bench_decode --check_only          # bf16 correctness of the kernel only
 
 For B in {1, 8, 16}, d_model in {1024, 2048, 3072} (H = 16, 32, 48; D = 64) and M = 2^12 ... 2^19 (where the
@@ -177,7 +177,7 @@ def main():
     print(f"{name}: device-to-device copy {bw / 1e9:.0f} GB/s (read + write)", flush=True)
     Bs, ds, Ms = ([int(b) for b in args.Bs.split(",")], [int(d) for d in args.d_models.split(",")],
                   [2 ** k for k in range(12, 20)]) if not args.quick else \
-        ([1, 8], [2048], [2 ** 12, 2 ** 16, 2 ** 18])
+        ([1, 8, 16], [2048], [2 ** 12, 2 ** 16, 2 ** 18])
     methods = ["tpa16", "tpa6", "mqa", "gqa4", "mha", "mla"]
     rows = []
     for B in Bs:
