@@ -42,22 +42,29 @@ if HAS_TRITON:
     # the zeros cost no memory traffic). Rows (h, t) of a heads-first tile are contiguous (BLOCK_T, D) blocks.
 
     @triton.jit
+    def _block(b_ptr, bi, t0, T, s_bb, s_bt, s_br, s_bd, R: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
+               BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HB: tl.constexpr):
+        """A program's tiles: the B block (BLOCK_T * BLOCK_R, BLOCK_D) with rows k = (t, r), and the rows
+        i = (h, t) of a head block with the block-diagonal mask diag[(h, t), (t', r)] = (t = t')."""
+        k = tl.arange(0, BLOCK_T * BLOCK_R)
+        kt, kr = t0 + k // BLOCK_R, k % BLOCK_R
+        d = tl.arange(0, BLOCK_D)
+        kd_ok = ((kt < T) & (kr < R))[:, None] & (d[None, :] < D)
+        bmat = tl.load(b_ptr + bi * s_bb + kt[:, None] * s_bt + kr[:, None] * s_br + d[None, :] * s_bd,
+                       mask=kd_ok, other=0.0)
+        i = tl.arange(0, HB * BLOCK_T)
+        ih, it = i // BLOCK_T, t0 + i % BLOCK_T
+        diag = (it[:, None] == kt[None, :]) & (kr[None, :] < R) & (it[:, None] < T)  # (HB * BLOCK_T, BLOCK_T * BLOCK_R)
+        return kt, kr, d, kd_ok, bmat, ih, it, diag
+
+    @triton.jit
     def _materialize_fwd(a_ptr, b_ptr, o_ptr, T, H, s_ab, s_at, s_ah, s_ar, s_bb, s_bt, s_br, s_bd,
                          s_ob, s_oh, s_ot, s_od, scale,
                          R: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
                          BLOCK_D: tl.constexpr, HB: tl.constexpr, IEEE: tl.constexpr):
         pid_t, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        t0 = pid_t * BLOCK_T
-        # B block as (BLOCK_T * BLOCK_R, BLOCK_D): row k = (t, r)
-        k = tl.arange(0, BLOCK_T * BLOCK_R)
-        kt, kr = t0 + k // BLOCK_R, k % BLOCK_R
-        d = tl.arange(0, BLOCK_D)
-        bmat = tl.load(b_ptr + bi * s_bb + kt[:, None] * s_bt + kr[:, None] * s_br + d[None, :] * s_bd,
-                       mask=((kt < T) & (kr < R))[:, None] & (d[None, :] < D), other=0.0)
-        # output rows i = (h, t) of a head block
-        i = tl.arange(0, HB * BLOCK_T)
-        ih, it = i // BLOCK_T, t0 + i % BLOCK_T
-        diag = (it[:, None] == kt[None, :]) & (kr[None, :] < R) & (it[:, None] < T)
+        kt, kr, d, kd_ok, bmat, ih, it, diag = _block(b_ptr, bi, pid_t * BLOCK_T, T, s_bb, s_bt, s_br, s_bd,
+                                                      R, D, BLOCK_T, BLOCK_R, BLOCK_D, HB)
         for h0 in range(0, H, HB):
             h = h0 + ih
             w = tl.load(a_ptr + bi * s_ab + it[:, None] * s_at + h[:, None] * s_ah + kr[None, :] * s_ar,
@@ -76,16 +83,8 @@ if HAS_TRITON:
                          BLOCK_D: tl.constexpr, HB: tl.constexpr, IEEE: tl.constexpr):
         # da and db are contiguous, shaped like a and b
         pid_t, bi = tl.program_id(0), tl.program_id(1).to(tl.int64)
-        t0 = pid_t * BLOCK_T
-        k = tl.arange(0, BLOCK_T * BLOCK_R)
-        kt, kr = t0 + k // BLOCK_R, k % BLOCK_R
-        d = tl.arange(0, BLOCK_D)
-        kd_ok = ((kt < T) & (kr < R))[:, None] & (d[None, :] < D)
-        bmat = tl.load(b_ptr + bi * s_bb + kt[:, None] * s_bt + kr[:, None] * s_br + d[None, :] * s_bd,
-                       mask=kd_ok, other=0.0)  # (BLOCK_T * BLOCK_R, BLOCK_D)
-        i = tl.arange(0, HB * BLOCK_T)
-        ih, it = i // BLOCK_T, t0 + i % BLOCK_T
-        diag = (it[:, None] == kt[None, :]) & (kr[None, :] < R) & (it[:, None] < T)  # (HB * BLOCK_T, BLOCK_T * BLOCK_R)
+        kt, kr, d, kd_ok, bmat, ih, it, diag = _block(b_ptr, bi, pid_t * BLOCK_T, T, s_bb, s_bt, s_br, s_bd,
+                                                      R, D, BLOCK_T, BLOCK_R, BLOCK_D, HB)
         db = tl.zeros((BLOCK_T * BLOCK_R, BLOCK_D), dtype=tl.float32)
         for h0 in range(0, H, HB):
             h = h0 + ih

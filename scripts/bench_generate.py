@@ -53,7 +53,7 @@ def time_decode(model, B, ctx, mode, steps=20, warmup=3):
         def step(t):
             length[0] += 1
             cache.kv_len = length[0]
-            return model(t[:, None], cache=cache)[0][:, -1]
+            return model.decode_step(t[:, None], cache)
     for _ in range(warmup):
         tok = step(tok).argmax(-1)
     torch.cuda.synchronize()
