@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, flashtpa_decode, tpa_materialize
+from kernels import HAS_TRITON, flashtpa_decode, rope, tpa_materialize
 
 
 # -----------------------------------------------------------------------------
@@ -184,10 +184,9 @@ def rope_tables(dim, max_len, base, device=None):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate the last axis of x (B, T, *, dim) with cos/sin (B|1, T, 1, dim/2); half-split pairs, fp32 math."""
-    d = x.shape[-1] // 2
-    x1, x2 = x[..., :d].float(), x[..., d:].float()
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).type_as(x)
+    """Rotate the last axis of x (B, T, *, dim) with cos/sin (B|1, T, 1, dim/2); half-split pairs, fp32 math.
+    On CUDA a Triton op (kernels/rope.py), elsewhere its PyTorch reference."""
+    return rope(x, cos, sin)
 
 
 class MLP(nn.Module):
