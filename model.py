@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, flashtpa_decode, rope, tpa_materialize
+from kernels import HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, tpa_materialize
 
 
 # -----------------------------------------------------------------------------
@@ -181,12 +181,6 @@ def rope_tables(dim, max_len, base, device=None):
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim))
     freqs = torch.outer(torch.arange(max_len, dtype=torch.float32, device=device), inv_freq)
     return freqs.cos(), freqs.sin()
-
-
-def apply_rope(x, cos, sin):
-    """Rotate the last axis of x (B, T, *, dim) with cos/sin (B|1, T, 1, dim/2); half-split pairs, fp32 math.
-    On CUDA a Triton op (kernels/rope.py), elsewhere its PyTorch reference."""
-    return rope(x, cos, sin)
 
 
 class MLP(nn.Module):
@@ -657,10 +651,12 @@ class GPT(nn.Module):
             out[dim] = (cos.view(-1, cos.size(-2), 1, cos.size(-1)), sin.view(-1, sin.size(-2), 1, sin.size(-1)))
         return out
 
-    def forward(self, idx, targets=None, all_logits=False, pos=None, cache=None):
+    def forward(self, idx, targets=None, all_logits=False, pos=None, cache=None, return_logits=True):
         """idx (B, T) tokens -> (logits, loss).
 
-        With targets (B, T) (-1 = ignore): logits for every position and the mean cross-entropy.
+        With targets (B, T) (-1 = ignore): logits for every position and the mean cross-entropy;
+        return_logits=False returns (None, loss), which is faster to differentiate (training and evaluation
+        use it): a logits output of a compiled model makes its backward add a zero gradient of the logits' size.
         Without: logits of the last position only (B, 1, V), or of every position with all_logits=True.
         pos (T,) or (B, T) overrides the positions 0..T-1. With a KVCache the tokens sit at positions
         cache.seqlens + 0..T-1; they are written to the cache, which then holds T more tokens per row.
@@ -681,8 +677,8 @@ class GPT(nn.Module):
         x = rms_norm(x)
         if targets is not None:
             logits = self.lm_head(x)
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-            return logits, loss
+            loss = cross_entropy_loss(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+            return (logits if return_logits else None), loss
         logits = self.lm_head(x if all_logits else x[:, -1:, :])
         return logits, None
 

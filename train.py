@@ -356,7 +356,7 @@ while iter_num < max_iters:
         sync = not ddp or micro_step == micro_steps - 1  # all-reduce gradients on the last micro-step only
         with (nullcontext() if sync else model.no_sync()):
             with autocast:
-                loss = model(x, y)[1] / micro_steps  # the mean over micro-steps, not the sum
+                loss = model(x, y, return_logits=False)[1] / micro_steps  # the mean over micro-steps, not the sum
             x, y = train_loader.next_batch()  # prefetch while the device works
             scaler.scale(loss).backward()
         step_loss += loss.detach()

@@ -49,7 +49,7 @@ def evaluate(model, val_set, batch_size, device="cpu", autocast=nullcontext(), r
             x = torch.cat([x, x.new_zeros(batch_size - n, T)])
             y = torch.cat([y, y.new_full((batch_size - n, T), -1)])
         with autocast:
-            _, loss = model(x, y)
+            _, loss = model(x, y, return_logits=False)
         total += torch.stack([loss.double() * n * T, torch.tensor(n * T, device=device, dtype=torch.float64)])
     if world_size > 1:
         import torch.distributed as dist

@@ -1,8 +1,10 @@
-"""Kernels with their PyTorch references (same signatures): kernels/flashtpa.py, materialize.py, rope.py."""
+"""Kernels with their PyTorch references (same signatures): kernels/flashtpa.py, materialize.py, rope.py,
+cross_entropy.py."""
 
+from kernels.cross_entropy import cross_entropy_loss, cross_entropy_loss_ref
 from kernels.flashtpa import HAS_TRITON, flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
 from kernels.materialize import tpa_materialize, tpa_materialize_ref
-from kernels.rope import rope, rope_ref
+from kernels.rope import apply_rope, apply_rope_ref
 
-__all__ = ["HAS_TRITON", "flashtpa_decode", "flashtpa_decode_einsum", "flashtpa_decode_ref", "rope", "rope_ref",
-           "tpa_materialize", "tpa_materialize_ref"]
+__all__ = ["HAS_TRITON", "apply_rope", "apply_rope_ref", "cross_entropy_loss", "cross_entropy_loss_ref", "flashtpa_decode",
+           "flashtpa_decode_einsum", "flashtpa_decode_ref", "tpa_materialize", "tpa_materialize_ref"]

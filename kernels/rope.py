@@ -1,11 +1,11 @@
 """
 Rotary position embedding (RoPE) for training: one Triton kernel for the forward and the backward.
 
-    y = rope(x, cos, sin)     # x (B, T, H, D) any strides; cos, sin (B|1, T, 1, D/2) fp32 -> y (B, T, H, D)
+    y = apply_rope(x, cos, sin)     # x (B, T, H, D) any strides; cos, sin (B|1, T, 1, D/2) fp32 -> y (B, T, H, D)
 
 Half-split pairs (feature i rotates with i + D/2), fp32 math, y in x's dtype and contiguous. The backward
-is the same kernel rotating the other way (sin -> -sin). rope_ref is the PyTorch reference with the same
-signature (model.apply_rope calls rope on CUDA, rope_ref elsewhere).
+is the same kernel rotating the other way (sin -> -sin). apply_rope_ref is the PyTorch reference with the
+same signature; apply_rope uses the kernel for CUDA tensors, the reference elsewhere.
 
 Why a kernel: x is usually a strided slice of a fused projection (q and k of c_attn, B_Q and B_K of TPA's
 c_fact) and its gradient arrives in SDPA's layout; torch.compile fuses the rotation's backward with the
@@ -19,12 +19,13 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from torch.library import triton_op, wrap_triton
     HAS_TRITON = True
 except ImportError:
     HAS_TRITON = False
 
 
-def rope_ref(x, cos, sin):
+def apply_rope_ref(x, cos, sin):
     """Rotate the last axis of x (B, T, *, dim) with cos/sin (B|1, T, 1, dim/2); half-split pairs, fp32 math."""
     d = x.shape[-1] // 2
     x1, x2 = x[..., :d].float(), x[..., d:].float()
@@ -62,26 +63,19 @@ if HAS_TRITON:
             cos, sin = cos.contiguous(), sin.contiguous()
         BLOCK_T, HB = 16, min(8, triton.next_power_of_2(H))
         grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(H, HB), B)
-        _rope_kernel[grid](x, cos, sin, y, T, H, *x.stride(), cos.stride(0) if cos.size(0) > 1 else 0, cos.stride(1),
+        wrap_triton(_rope_kernel)[grid](x, cos, sin, y, T, H, *x.stride(), cos.stride(0) if cos.size(0) > 1 else 0, cos.stride(1),
                            *y.stride()[:3], SIGN=sign, HALF=D // 2, BLOCK_T=BLOCK_T, HB=HB,
                            BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
         return y
 
-    @torch.library.custom_op("tpa::rope", mutates_args=())
+    # triton_op: torch.compile sees the kernel launch (no Python op dispatch per call in a compiled step)
+    @triton_op("tpa::rope", mutates_args=())
     def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rope_triton(x, cos, sin, 1)
 
-    @_rope_op.register_fake
-    def _(x, cos, sin):
-        return torch.empty(x.shape, device=x.device, dtype=x.dtype)
-
-    @torch.library.custom_op("tpa::rope_backward", mutates_args=())
+    @triton_op("tpa::rope_backward", mutates_args=())
     def _rope_bwd_op(g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return rope_triton(g, cos, sin, -1)
-
-    @_rope_bwd_op.register_fake
-    def _(g, cos, sin):
-        return torch.empty(g.shape, device=g.device, dtype=g.dtype)
 
     def _setup(ctx, inputs, output):
         _, cos, sin = inputs
@@ -94,7 +88,7 @@ if HAS_TRITON:
     _rope_op.register_autograd(_backward, setup_context=_setup)
 
 
-def rope(x, cos, sin, impl=None):
+def apply_rope(x, cos, sin, impl=None):
     """RoPE of x (B, T, H, D) with cos/sin (B|1, T, 1, D/2). impl: None (the Triton op for CUDA tensors whose
     tables carry no gradient, else the reference), "triton" or "ref"."""
     if impl is None:
@@ -104,5 +98,5 @@ def rope(x, cos, sin, impl=None):
     if impl == "triton":
         return _rope_op(x, cos, sin)
     if impl == "ref":
-        return rope_ref(x, cos, sin)
+        return apply_rope_ref(x, cos, sin)
     raise ValueError(f"impl={impl!r}: use None, 'triton' or 'ref'")

@@ -39,6 +39,8 @@ def test_forward_backward(attn, opts):
     targets = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
     logits, loss = model(idx, targets)
     assert logits.shape == (2, 24, V)
+    none, loss2 = model(idx, targets, return_logits=False)  # training's call: the same loss, no logits
+    assert none is None and loss2.item() == loss.item()
     assert torch.isfinite(loss) and abs(loss.item() - math.log(V)) < 1.0, loss.item()
     loss.backward()
     for name, p in model.named_parameters():

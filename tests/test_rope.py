@@ -3,16 +3,18 @@
 import pytest
 import torch
 
-from kernels.rope import HAS_TRITON, rope, rope_ref
+from kernels.rope import HAS_TRITON, apply_rope, apply_rope_ref
 from model import rope_tables
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration") + (
+    ("test_faketensor", "test_aot_dispatch_dynamic") if DEVICE == "cuda" else ())
 
 
 def grads(x, cos, sin, g, impl):
     x = x.detach().requires_grad_(True)
-    y = rope(x, cos, sin, impl=impl)
+    y = apply_rope(x, cos, sin, impl=impl)
     return y, torch.autograd.grad(y, x, g)[0]
 
 
@@ -49,7 +51,7 @@ def test_backward_is_the_inverse_rotation():
     cos, sin = rope_tables(16, 8, 10000.0)
     cos, sin = cos.view(1, 8, 1, 8).to(DEVICE), sin.view(1, 8, 1, 8).to(DEVICE)
     x = torch.randn(2, 8, 3, 16, device=DEVICE, requires_grad=True)
-    y = rope(x, cos, sin, impl="triton")
+    y = apply_rope(x, cos, sin, impl="triton")
     (back,) = torch.autograd.grad(y, x, y)
     torch.testing.assert_close(back, x.detach(), rtol=1e-5, atol=1e-5)
 
@@ -58,16 +60,18 @@ def test_dispatch():
     # CPU tensors and tables broadcast over the tokens take the reference; bad impl names are refused
     cos, sin = rope_tables(8, 5, 10000.0)
     x = torch.randn(1, 1, 2, 8)
-    y = rope(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4))
+    y = apply_rope(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4))
     assert y.shape == (1, 5, 2, 8)
-    torch.testing.assert_close(y, rope_ref(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4)))
+    torch.testing.assert_close(y, apply_rope_ref(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4)))
     with pytest.raises(ValueError, match="impl='cuda'"):
-        rope(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4), impl="cuda")
+        apply_rope(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4), impl="cuda")
 
 
 @needs_triton
 def test_custom_op_registration():
-    """torch.library.opcheck: schema, fake kernel, autograd and torch.compile tracing of tpa::rope."""
+    """torch.library.opcheck of tpa::rope: schema and autograd; on a GPU also fake tensors and compile tracing
+    (a triton_op traces its kernel launch, which the CPU interpreter would execute on fake tensors)."""
     cos, sin = rope_tables(16, 9, 10000.0)
     x = torch.randn(1, 9, 3, 16).to(DEVICE).requires_grad_(True)
-    torch.library.opcheck(torch.ops.tpa.rope.default, (x, cos.view(1, 9, 1, 8).to(DEVICE), sin.view(1, 9, 1, 8).to(DEVICE)))
+    torch.library.opcheck(torch.ops.tpa.rope.default, (x, cos.view(1, 9, 1, 8).to(DEVICE), sin.view(1, 9, 1, 8).to(DEVICE)),
+                          test_utils=OPCHECK_UTILS)

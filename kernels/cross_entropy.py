@@ -1,0 +1,121 @@
+"""
+Cross-entropy over a large vocabulary for training: a Triton forward (log-sum-exp per row) and backward
+(softmax minus one-hot, scaled) that read the logits in their own dtype, once per pass.
+
+    loss = cross_entropy_loss(logits, targets, ignore_index=-1)   # logits (N, V) any float dtype, targets (N,)
+                                                              # -> mean over the rows whose target != ignore_index
+
+cross_entropy_loss_ref is the PyTorch reference with the same signature (F.cross_entropy on fp32 logits), used
+off CUDA. Why a kernel: torch.compile's cross-entropy reads the bf16 logits twice in the forward, fills a
+zero tensor of the logits' size for the backward and reads it again: about twice the memory traffic of the
+two passes here (forward: read the logits; backward: read them, write the gradient), for Small models a
+tenth of a training step.
+"""
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def cross_entropy_loss_ref(logits, targets, ignore_index=-1):
+    """Mean cross-entropy of logits (N, V) against targets (N,), rows with target == ignore_index left out."""
+    return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _ce_fwd(x_ptr, t_ptr, loss_ptr, lse_ptr, V, s_xn, ignore_index, BLOCK_V: tl.constexpr):
+        # one row: online max / sum of exp over BLOCK_V chunks, fp32
+        row = tl.program_id(0).to(tl.int64)
+        x_row = x_ptr + row * s_xn
+        m = tl.full((BLOCK_V,), float("-inf"), tl.float32)  # per-lane running max and sum
+        s = tl.zeros((BLOCK_V,), tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(x_row + v, mask=v < V, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            s = s * tl.exp(m - m_new) + tl.exp(x - m_new)  # lanes still at -inf: m_new = -inf -> nan, fixed below
+            s = tl.where(m_new == float("-inf"), 0.0, s)
+            m = m_new
+        m_row = tl.max(m, axis=0)
+        lse = m_row + tl.log(tl.sum(s * tl.exp(m - m_row), axis=0))
+        target = tl.load(t_ptr + row)
+        valid = target != ignore_index
+        in_range = (target >= 0) & (target < V)
+        x_t = tl.load(x_row + tl.where(in_range, target, 0)).to(tl.float32)
+        x_t = tl.where(in_range, x_t, float("nan"))  # a target outside the vocabulary: a nan loss, not a crash
+        tl.store(loss_ptr + row, tl.where(valid, lse - x_t, 0.0))
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def _ce_bwd(x_ptr, t_ptr, lse_ptr, g_ptr, dx_ptr, V, s_xn, s_dn, ignore_index, BLOCK_V: tl.constexpr):
+        # dx = g_row * (softmax(x) - onehot(target)); rows with the ignored target get 0
+        row = tl.program_id(0).to(tl.int64)
+        target = tl.load(t_ptr + row)
+        valid = target != ignore_index
+        g = tl.where(valid, tl.load(g_ptr + row), 0.0)
+        lse = tl.load(lse_ptr + row)
+        for v0 in range(0, V, BLOCK_V):
+            v = v0 + tl.arange(0, BLOCK_V)
+            x = tl.load(x_ptr + row * s_xn + v, mask=v < V, other=0.0).to(tl.float32)
+            p = tl.exp(x - lse) - tl.where(v == target, 1.0, 0.0)
+            tl.store(dx_ptr + row * s_dn + v, (p * g).to(dx_ptr.dtype.element_ty), mask=v < V)
+
+    def _block_v(V):
+        return min(4096, triton.next_power_of_2(V))
+
+    # triton_op: torch.compile sees the kernel launches (no Python op dispatch per call in a compiled step)
+    @triton_op("tpa::cross_entropy_rows", mutates_args=())
+    def _ce_rows_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        N, V = logits.shape
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+        lse = torch.empty(N, device=logits.device, dtype=torch.float32)
+        if N:
+            wrap_triton(_ce_fwd)[(N,)](logits, targets, loss, lse, V, logits.stride(0), ignore_index, BLOCK_V=_block_v(V), num_warps=8)
+        return loss, lse
+
+    @triton_op("tpa::cross_entropy_rows_backward", mutates_args=())
+    def _ce_rows_bwd_op(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, g: torch.Tensor,
+                        ignore_index: int) -> torch.Tensor:
+        N, V = logits.shape
+        logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+        dx = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
+        if N:
+            wrap_triton(_ce_bwd)[(N,)](logits, targets, lse, g.float().contiguous(), dx, V, logits.stride(0), dx.stride(0),
+                          ignore_index, BLOCK_V=_block_v(V), num_warps=8)
+        return dx
+
+    def _setup(ctx, inputs, output):
+        logits, targets, ignore_index = inputs
+        ctx.save_for_backward(logits, targets, output[1])
+        ctx.mark_non_differentiable(output[1])
+        ctx.ignore_index = ignore_index
+
+    def _backward(ctx, g_loss, g_lse):
+        logits, targets, lse = ctx.saved_tensors
+        return _ce_rows_bwd_op(logits, targets, lse, g_loss, ctx.ignore_index), None, None
+
+    _ce_rows_op.register_autograd(_backward, setup_context=_setup)
+
+
+def cross_entropy_loss(logits, targets, ignore_index=-1, impl=None):
+    """Mean cross-entropy of logits (N, V) against targets (N,) over the rows whose target != ignore_index
+    (nan if there is none, as F.cross_entropy). impl: None (the Triton op on CUDA, else the reference),
+    "triton" or "ref"."""
+    if impl is None:
+        impl = "triton" if HAS_TRITON and logits.is_cuda and logits.dim() == 2 else "ref"
+    if impl == "triton":
+        rows, _ = _ce_rows_op(logits, targets, int(ignore_index))
+        return rows.sum() / (targets != ignore_index).sum()
+    if impl == "ref":
+        return cross_entropy_loss_ref(logits, targets, ignore_index)
+    raise ValueError(f"impl={impl!r}: use None, 'triton' or 'ref'")

@@ -1,0 +1,66 @@
+"""The cross-entropy op (kernels/cross_entropy.py): Triton forward/backward (interpreter on CPU) against fp64."""
+
+import pytest
+import torch
+
+from kernels.cross_entropy import HAS_TRITON, cross_entropy_loss
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+OPCHECK_UTILS = ("test_schema", "test_autograd_registration") + (  # fake-tensor tracing of a triton_op: GPU only
+    ("test_faketensor", "test_aot_dispatch_dynamic") if DEVICE == "cuda" else ())
+
+
+def loss_and_grad(logits, targets, impl):
+    logits = logits.detach().requires_grad_(True)
+    loss = cross_entropy_loss(logits, targets, ignore_index=-1, impl=impl)
+    (2.5 * loss).backward()  # a non-unit upstream gradient, as under gradient accumulation
+    return loss, logits.grad
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N,V", [(5, 37), (3, 5000), (7, 4096), (1, 9000)])
+def test_forward_backward_match_fp64(N, V, dtype):
+    g = torch.Generator().manual_seed(0)
+    logits = 4 * torch.randn(N, V + 3, generator=g, dtype=torch.float64)[:, 1:V + 1]  # a strided view
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[N // 2] = -1 if N > 1 else targets[0]  # an ignored row
+    targets[-1] = V - 1  # the last column
+    ref64 = loss_and_grad(logits, targets, "ref")
+    low, t = logits.to(dtype).to(DEVICE), targets.to(DEVICE)
+    got, ref_low = loss_and_grad(low, t, "triton"), loss_and_grad(low, t, "ref")
+    assert got[0].dtype == torch.float32 and got[1].dtype == dtype
+    for name, x, r, rl in zip(("loss", "grad"), got, ref64, ref_low):
+        err = (x.double().cpu() - r).abs().max().item()
+        ref_err = (rl.double().cpu() - r).abs().max().item()
+        tol = 2 * ref_err + 8 * torch.finfo(torch.float32).eps * r.abs().max().item()  # fp32 math: a few ulps
+        assert err <= tol, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + 8 fp32 ulps"
+    if N > 1:
+        assert got[1][N // 2].abs().max() == 0  # the ignored row gets no gradient
+
+
+@needs_triton
+def test_extreme_logits_and_bad_targets():
+    # large logits (overflow without the max shift), -inf logits (masked vocabulary), all rows ignored, and a
+    # target outside the vocabulary (a nan loss, not an out-of-bounds read)
+    logits = torch.tensor([[1000.0, 0.0, -1000.0], [float("-inf"), 2.0, 1.0]], device=DEVICE)
+    t = torch.tensor([0, 2], device=DEVICE)
+    torch.testing.assert_close(cross_entropy_loss(logits, t, impl="triton"), cross_entropy_loss(logits, t, impl="ref"))
+    assert cross_entropy_loss(logits, torch.tensor([-1, -1], device=DEVICE), impl="triton").isnan()
+    assert cross_entropy_loss(logits, torch.tensor([0, 7], device=DEVICE), impl="triton").isnan()
+
+
+def test_dispatch():
+    logits, t = torch.randn(4, 10), torch.tensor([1, -1, 3, 9])
+    torch.testing.assert_close(cross_entropy_loss(logits, t), torch.nn.functional.cross_entropy(logits, t, ignore_index=-1))
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        cross_entropy_loss(logits, t, impl="cuda")
+
+
+@needs_triton
+def test_custom_op_registration():
+    """torch.library.opcheck of tpa::cross_entropy_rows: schema and autograd; on a GPU also fake tensors, tracing."""
+    logits = torch.randn(6, 50).to(DEVICE).requires_grad_(True)
+    t = torch.tensor([1, -1, 3, 49, 0, 7]).to(DEVICE)
+    torch.library.opcheck(torch.ops.tpa.cross_entropy_rows.default, (logits, t, -1), test_utils=OPCHECK_UTILS)
