@@ -233,16 +233,15 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     n_rows = N * H
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
-    # tiles measured on an H100 (scripts/bench_decode.py --tune): long blocks of the cache per step; one
-    # program per SM for a single sequence, two per SM in a batch (in all, not per sequence)
+    # tiles measured on an H100 (scripts/bench_decode.py --tune): long blocks of the cache per step, two
+    # programs per SM (in all, not per sequence)
     wide = bk.dtype == torch.float32 or max(D, E) > 64  # bigger tiles: fewer stages fit in shared memory
     BLOCK_M = block_m or (32 if wide else 64 if BLOCK_ROWS > 32 else 128)
     n_blocks = triton.cdiv(M, BLOCK_M)
     if num_splits is None:  # M sets the grid, never the compiled code
-        programs = _num_sms(dev) * (1 if B * row_blocks == 1 else 2)
+        programs = 2 * _num_sms(dev)
         num_splits = max(1, min(n_blocks, programs // (B * row_blocks)))  # never a partial second wave
-    if num_warps is None:
-        num_warps = 8 if BLOCK_M == 128 and B * row_blocks == 1 else 4
+    num_warps = num_warps or 4
     blocks_per_split = triton.cdiv(n_blocks, num_splits)
     num_splits = triton.cdiv(n_blocks, blocks_per_split)
     out = torch.empty(B, N, H, E, device=dev, dtype=bv.dtype)

@@ -5,7 +5,7 @@ Rotary position embedding (RoPE) for training: one Triton kernel for the forward
 
 Half-split pairs (feature i rotates with i + D/2), fp32 math, y in x's dtype and contiguous. The backward
 is the same kernel rotating the other way (sin -> -sin). apply_rope_ref is the PyTorch reference with the
-same signature; apply_rope uses the kernel for CUDA tensors, the reference elsewhere.
+same signature; apply_rope uses the kernel for CUDA tensors that need a gradient, the reference elsewhere.
 
 Why a kernel: x is usually a strided slice of a fused projection (q and k of c_attn, B_Q and B_K of TPA's
 c_fact) and its gradient arrives in SDPA's layout; torch.compile fuses the rotation's backward with the
@@ -89,12 +89,13 @@ if HAS_TRITON:
 
 
 def apply_rope(x, cos, sin, impl=None):
-    """RoPE of x (B, T, H, D) with cos/sin (B|1, T, 1, D/2). impl: None (the Triton op for CUDA tensors whose
-    tables carry no gradient, else the reference), "triton" or "ref"."""
+    """RoPE of x (B, T, H, D) with cos/sin (B|1, T, 1, D/2). impl: None (the Triton op for a CUDA x that needs a
+    gradient, else the reference: the kernel's gain is the backward, and without one torch.compile fuses the
+    reference into its neighbours, as in a decode step), "triton" or "ref"."""
     if impl is None:
         plain = (x.dim() == 4 and cos.dim() == 4 and cos.size(1) == x.size(1) and cos.size(0) in (1, x.size(0))
                  and x.size(-1) % 2 == 0 and not cos.requires_grad)
-        impl = "triton" if HAS_TRITON and x.is_cuda and plain else "ref"
+        impl = "triton" if HAS_TRITON and x.is_cuda and x.requires_grad and plain else "ref"
     if impl == "triton":
         return _rope_op(x, cos, sin)
     if impl == "ref":

@@ -63,6 +63,7 @@ def test_dispatch():
     y = apply_rope(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4))
     assert y.shape == (1, 5, 2, 8)
     torch.testing.assert_close(y, apply_rope_ref(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4)))
+    assert apply_rope(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4), impl="ref").shape == (1, 5, 2, 8)
     with pytest.raises(ValueError, match="impl='cuda'"):
         apply_rope(x, cos.view(1, 5, 1, 4), sin.view(1, 5, 1, 4), impl="cuda")
 
