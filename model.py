@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, tpa_materialize
+from kernels import HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_one_row, tpa_materialize
 
 
 # -----------------------------------------------------------------------------
@@ -183,14 +183,28 @@ def rope_tables(dim, max_len, base, device=None):
     return freqs.cos(), freqs.sin()
 
 
+class Linear(nn.Linear):
+    """nn.Linear without bias. A single row on CUDA without autograd or autocast (batch-1 decoding) takes the
+    Triton matrix-vector kernel (kernels/gemv.py): cuBLAS runs those at about a third of the bandwidth."""
+
+    def __init__(self, in_features, out_features):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x):
+        if (x.is_cuda and x.numel() == x.size(-1) and x.dtype == self.weight.dtype and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cuda")):
+            return linear_one_row(x, self.weight)
+        return F.linear(x, self.weight)
+
+
 class MLP(nn.Module):
     """SwiGLU: silu(x W1) * (x W2) W3, hidden floor(8d/3); W1 and W2 fused in one matmul."""
 
     def __init__(self, config):
         super().__init__()
         self.hidden = int(8 * config.n_embd / 3)
-        self.c_fc = nn.Linear(config.n_embd, 2 * self.hidden, bias=False)
-        self.c_proj = nn.Linear(self.hidden, config.n_embd, bias=False)
+        self.c_fc = Linear(config.n_embd, 2 * self.hidden)
+        self.c_proj = Linear(self.hidden, config.n_embd)
 
     def forward(self, x):
         gate, up = self.c_fc(x).split(self.hidden, dim=-1)
@@ -214,8 +228,8 @@ class Attention(nn.Module):
     def __init__(self, config, n_head, v_dim, n_kv_head=None):
         super().__init__()
         self.n_head, self.v_dim = n_head, v_dim
-        self.c_proj = nn.Linear(n_head * v_dim, config.n_embd, bias=False)
-        self.gate = nn.Linear(config.n_embd, n_head, bias=False) if config.attn_gate else None
+        self.c_proj = Linear(n_head * v_dim, config.n_embd)
+        self.gate = Linear(config.n_embd, n_head) if config.attn_gate else None
         # KV shift mixing logits for K and V, per KV head; sigmoid(3) = 0.95: starts near the unshifted model
         self.shift = nn.Parameter(torch.full((2, n_kv_head or n_head), 3.0)) if config.kv_shift else None
 
@@ -268,7 +282,7 @@ class GQA(Attention):
         super().__init__(config, config.n_head, config.head_dim, config.n_kv_head)
         self.n_kv_head, self.head_dim = config.n_kv_head, config.head_dim
         self.rope_dim = config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim, bias=False)
+        self.c_attn = Linear(config.n_embd, (config.n_head + 2 * config.n_kv_head) * config.head_dim)
 
     def cache_spec(self):
         return {"k": (self.n_kv_head, self.head_dim), "v": (self.n_kv_head, self.head_dim)}
@@ -309,14 +323,14 @@ class MLA(Attention):
         self.kv_lora_rank, self.q_lora_rank = config.kv_lora_rank, config.q_lora_rank
         qk_dim = config.head_dim + config.qk_rope_head_dim
         if self.q_lora_rank > 0:
-            self.q_a_proj = nn.Linear(C, self.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(C, self.q_lora_rank)
             self.q_a_layernorm = nn.RMSNorm(self.q_lora_rank, eps=1e-6)
-            self.q_b_proj = nn.Linear(self.q_lora_rank, H * qk_dim, bias=False)
+            self.q_b_proj = Linear(self.q_lora_rank, H * qk_dim)
         else:
-            self.q_proj = nn.Linear(C, H * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(C, self.kv_lora_rank + self.rope_dim, bias=False)
+            self.q_proj = Linear(C, H * qk_dim)
+        self.kv_a_proj_with_mqa = Linear(C, self.kv_lora_rank + self.rope_dim)
         self.kv_a_layernorm = nn.RMSNorm(self.kv_lora_rank, eps=1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (config.head_dim + config.v_head_dim), bias=False)
+        self.kv_b_proj = Linear(self.kv_lora_rank, H * (config.head_dim + config.v_head_dim))
         self.scale = qk_dim ** -0.5
 
     def cache_spec(self):
@@ -406,7 +420,7 @@ class TPA(Attention):
                     parts.append((f + n, R * fd, math.sqrt(6 / (fd * (R + C))) if official else xavier(R * fd)))
         self.names = [p[0] for p in parts]
         self.sizes = [p[1] for p in parts]
-        self.c_fact = nn.Linear(C, sum(self.sizes), bias=False)
+        self.c_fact = Linear(C, sum(self.sizes))
         with torch.no_grad():
             for w, (_, _, bound) in zip(self.c_fact.weight.split(self.sizes, dim=0), parts):
                 w.uniform_(-bound, bound)
@@ -615,7 +629,7 @@ class GPT(nn.Module):
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size)
         # tied embeddings; the shared tensor keeps nn.Linear's U(+-1/sqrt(C)) init, as in the official code
         self.transformer.wte.weight = self.lm_head.weight
         for block in self.transformer.h:  # zero-init output projections (spec 1.8)

@@ -1,10 +1,12 @@
 """Kernels with their PyTorch references (same signatures): kernels/flashtpa.py, materialize.py, rope.py,
-cross_entropy.py."""
+cross_entropy.py, gemv.py."""
 
 from kernels.cross_entropy import cross_entropy_loss, cross_entropy_loss_ref
 from kernels.flashtpa import HAS_TRITON, flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
+from kernels.gemv import linear_one_row, linear_one_row_ref
 from kernels.materialize import tpa_materialize, tpa_materialize_ref
 from kernels.rope import apply_rope, apply_rope_ref
 
 __all__ = ["HAS_TRITON", "apply_rope", "apply_rope_ref", "cross_entropy_loss", "cross_entropy_loss_ref", "flashtpa_decode",
-           "flashtpa_decode_einsum", "flashtpa_decode_ref", "tpa_materialize", "tpa_materialize_ref"]
+           "flashtpa_decode_einsum", "flashtpa_decode_ref", "linear_one_row", "linear_one_row_ref", "tpa_materialize",
+           "tpa_materialize_ref"]
