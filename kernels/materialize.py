@@ -3,7 +3,7 @@ TPA materialisation for training: out = scale * A^T B per token, written heads f
 
     out = tpa_materialize(a, b, scale)     # a (B, T, H, R), b (B, T, R, D) -> (B, H, T, D)
 
-Forward and backward are Triton kernels on CUDA (an autograd-aware custom op, opaque to torch.compile);
+Forward and backward are Triton kernels on CUDA (an autograd-aware torch.library.triton_op, launched by torch.compile);
 tpa_materialize_ref is the PyTorch reference with the same signature, used elsewhere. Why a kernel: the
 backward, db[t, r, :] = scale * sum_h a[t, h, r] g[h, t, :] and da[t, h, r] = scale * g[h, t, :] . b[t, r, :],
 is a reduction over heads of the heads-first gradient that torch.compile turns into a strided reduction at a
