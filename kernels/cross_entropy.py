@@ -80,7 +80,8 @@ if HAS_TRITON:
         loss = torch.empty(N, device=logits.device, dtype=torch.float32)
         lse = torch.empty(N, device=logits.device, dtype=torch.float32)
         if N:
-            wrap_triton(_ce_fwd)[(N,)](logits, targets, loss, lse, V, logits.stride(0), ignore_index, BLOCK_V=_block_v(V), num_warps=8)
+            wrap_triton(_ce_fwd)[(N,)](logits, targets, loss, lse, V, logits.stride(0), ignore_index,
+                                       BLOCK_V=_block_v(V), num_warps=8)
         return loss, lse
 
     @triton_op("tpa::cross_entropy_rows_backward", mutates_args=())
@@ -90,8 +91,8 @@ if HAS_TRITON:
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         dx = torch.empty(N, V, device=logits.device, dtype=logits.dtype)
         if N:
-            wrap_triton(_ce_bwd)[(N,)](logits, targets, lse, g.float().contiguous(), dx, V, logits.stride(0), dx.stride(0),
-                          ignore_index, BLOCK_V=_block_v(V), num_warps=8)
+            wrap_triton(_ce_bwd)[(N,)](logits, targets, lse, g.float().contiguous(), dx, V, logits.stride(0),
+                                       dx.stride(0), ignore_index, BLOCK_V=_block_v(V), num_warps=8)
         return dx
 
     def _setup(ctx, inputs, output):

@@ -113,7 +113,8 @@ if HAS_TRITON:
         out = torch.empty(B, H, T, D, device=a.device, dtype=torch.result_type(a, b))
         tiles = _tiles(a, b)
         grid = (triton.cdiv(T, tiles["BLOCK_T"]), triton.cdiv(H, tiles["HB"]), B)
-        wrap_triton(_materialize_fwd)[grid](a, b, out, T, H, *a.stride(), *b.stride(), *out.stride(), scale, **tiles)
+        wrap_triton(_materialize_fwd)[grid](a, b, out, T, H, *a.stride(), *b.stride(), *out.stride(), scale,
+                                            **tiles)
         return out
 
     def tpa_materialize_triton_bwd(a, b, g, scale):

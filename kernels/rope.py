@@ -63,9 +63,10 @@ if HAS_TRITON:
             cos, sin = cos.contiguous(), sin.contiguous()
         BLOCK_T, HB = 16, min(8, triton.next_power_of_2(H))
         grid = (triton.cdiv(T, BLOCK_T), triton.cdiv(H, HB), B)
-        wrap_triton(_rope_kernel)[grid](x, cos, sin, y, T, H, *x.stride(), cos.stride(0) if cos.size(0) > 1 else 0, cos.stride(1),
-                           *y.stride()[:3], SIGN=sign, HALF=D // 2, BLOCK_T=BLOCK_T, HB=HB,
-                           BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
+        s_cb = cos.stride(0) if cos.size(0) > 1 else 0
+        wrap_triton(_rope_kernel)[grid](x, cos, sin, y, T, H, *x.stride(), s_cb, cos.stride(1), *y.stride()[:3],
+                                        SIGN=sign, HALF=D // 2, BLOCK_T=BLOCK_T, HB=HB,
+                                        BLOCK_HALF=triton.next_power_of_2(D // 2), num_warps=4)
         return y
 
     # triton_op: torch.compile sees the kernel launch (no Python op dispatch per call in a compiled step)
