@@ -18,13 +18,18 @@ contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-
 
 Algorithm (spec 5.2, Algorithm 2, with a flash-decoding split over the cache): a program owns one
 sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms the rows'
-queries q = (1/Rq) A_Q^T B_Q once, then for each block of BLOCK_M cache positions computes
-q . b_K,s on the tensor cores for every key rank s, weights it by a_K,s, and folds the block into an
-online softmax with the block's own running maximum (no per-block normalisation, so a block that
-underflows contributes 0 instead of 0/0), and accumulates (p * a_V,u) @ b_V,u. Partial outputs and
-log-sum-exps are kept in fp32 and combined by a second kernel with the max-LSE rule. The cache
-length is a runtime value, never a compile-time constant or autotune key: the grid grows with M,
-programs past a sequence's length exit at once, and nothing syncs with the host, so a decode step
+queries q = (1/Rq) A_Q^T B_Q once, then for each block of BLOCK_M cache positions loads each factor as
+one 2-D tile with the ranks flattened in the cache's own (M, R) order (column j = m * R_P + r, ranks
+padded to a power of two and masked), computes q . b_K for every position and key rank in one
+tensor-core product, weights it by a_K and sums over the ranks, folds the block into an online
+softmax with the block's own running maximum (no per-block normalisation, so a block that underflows
+contributes 0 instead of 0/0), and accumulates (p * a_V) @ b_V, again one product for all value
+ranks. For rank-1 K/V the next block's loads are issued before the current block's math (hand
+software pipelining: at batch 1 a program sees only ~16 blocks, too few for the loads to hide
+otherwise); higher ranks use Triton's pipeliner. Partial outputs and log-sum-exps are kept in fp32
+and combined by a second kernel with the max-LSE rule, all splits in one load where they fit. The
+cache length is a runtime value, never a compile-time constant or autotune key: the grid grows with
+M, programs past a sequence's length exit at once, and nothing syncs with the host, so a decode step
 can be captured in a CUDA graph.
 
 flashtpa_decode_ref (materialised q/k/v) and flashtpa_decode_einsum (factor space, spec 5.1) are the
@@ -101,6 +106,25 @@ def flashtpa_decode_einsum(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
 if HAS_TRITON:
 
     @triton.jit
+    def _load_cache_block(ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                          s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+                          s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e,
+                          RK: tl.constexpr, RV: tl.constexpr, D: tl.constexpr, E: tl.constexpr):
+        """One block of the cache, ranks flattened into the tile: column/row j = m * R_P + r (the cache's (M, R)
+        order), ranks past R (padding to a power of two) and positions past `end` masked to 0."""
+        ok_k = (m0 + mk < end) & (sk < RK)
+        ok_v = (m0 + mv < end) & (uv < RV)
+        ak = tl.load(ak_ptr + b * s_ak_b + (m0 + mk)[None, :] * s_ak_m + h[:, None] * s_ak_h + sk[None, :] * s_ak_r,
+                     mask=row_ok[:, None] & ok_k[None, :], other=0.0)  # (ROWS, BLOCK_M * RK_P)
+        bk = tl.load(bk_ptr + b * s_bk_b + (m0 + mk)[:, None] * s_bk_m + sk[:, None] * s_bk_r + offs_d[None, :] * s_bk_d,
+                     mask=ok_k[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M * RK_P, BLOCK_D)
+        av = tl.load(av_ptr + b * s_av_b + (m0 + mv)[None, :] * s_av_m + h[:, None] * s_av_h + uv[None, :] * s_av_r,
+                     mask=row_ok[:, None] & ok_v[None, :], other=0.0)  # (ROWS, BLOCK_M * RV_P)
+        bv = tl.load(bv_ptr + b * s_bv_b + (m0 + mv)[:, None] * s_bv_m + uv[:, None] * s_bv_r + offs_e[None, :] * s_bv_e,
+                     mask=ok_v[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_M * RV_P, BLOCK_E)
+        return ak, bk, av, bv
+
+    @triton.jit
     def _flashtpa_decode_kernel(
         aq_ptr, bq_ptr, ak_ptr, bk_ptr, av_ptr, bv_ptr, seqlens_ptr, out_ptr, lse_ptr,
         s_aq_b, s_aq_n, s_aq_h, s_aq_r, s_bq_b, s_bq_n, s_bq_r, s_bq_d,
@@ -108,9 +132,10 @@ if HAS_TRITON:
         s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e,
         s_o_b, s_o_split, s_o_row, s_o_e, s_l_b, s_l_split,
         N, H, M, blocks_per_split, qk_scale,
-        RQ: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, D: tl.constexpr, E: tl.constexpr,
+        RQ: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RK_P: tl.constexpr, RV_P: tl.constexpr,
+        D: tl.constexpr, E: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-        HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr,
+        HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
     ):
         split = tl.program_id(0)
         row_block = tl.program_id(1)
@@ -123,7 +148,21 @@ if HAS_TRITON:
         pos = L - N + n  # the query's position: it sees keys 0..pos
         offs_d = tl.arange(0, BLOCK_D)
         offs_e = tl.arange(0, BLOCK_E)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        jk = tl.arange(0, BLOCK_M * RK_P)  # key-side cache column j = m * RK_P + s
+        mk = jk // RK_P
+        sk = jk % RK_P
+        jv = tl.arange(0, BLOCK_M * RV_P)  # value side: j = m * RV_P + u
+        mv = jv // RV_P
+        uv = jv % RV_P
         dt = bk_ptr.dtype.element_ty
+        start = split * blocks_per_split * BLOCK_M
+        end = tl.minimum(start + blocks_per_split * BLOCK_M, L)
+        if PREFETCH:  # the first block is in flight while q is formed
+            ak_n, bk_n, av_n, bv_n = _load_cache_block(
+                ak_ptr, bk_ptr, av_ptr, bv_ptr, b, start, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+                s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
 
         # -- q = (1/Rq) A_Q^T B_Q for this block's rows; the softmax scale (in log2 units) and 1/Rk folded in
         q = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
@@ -137,24 +176,30 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_ROWS, BLOCK_E), dtype=tl.float32)
-        start = split * blocks_per_split * BLOCK_M
-        end = tl.minimum(start + blocks_per_split * BLOCK_M, L)
         for m0 in range(start, end, BLOCK_M):
-            offs_m = m0 + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < end
-            # -- logits: sum_s a_K,s * (q . b_K,s)
-            s_log2 = tl.zeros((BLOCK_ROWS, BLOCK_M), dtype=tl.float32)
-            for s in tl.static_range(RK):
-                bk = tl.load(bk_ptr + b * s_bk_b + offs_m[:, None] * s_bk_m + s * s_bk_r + offs_d[None, :] * s_bk_d,
-                             mask=m_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-                if IEEE:
-                    qk = tl.dot(q, tl.trans(bk), input_precision="ieee")
-                else:
-                    qk = tl.dot(q, tl.trans(bk))
-                ak = tl.load(ak_ptr + b * s_ak_b + offs_m[None, :] * s_ak_m + h[:, None] * s_ak_h + s * s_ak_r,
-                             mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-                s_log2 += qk * ak.to(tl.float32)
-            visible = m_ok[None, :] & (offs_m[None, :] <= pos[:, None])
+            if PREFETCH:  # hand software pipelining: the next block's loads are issued before this block's math
+                ak, bk, av, bv = ak_n, bk_n, av_n, bv_n
+                ak_n, bk_n, av_n, bv_n = _load_cache_block(
+                    ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0 + BLOCK_M, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                    s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+                    s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
+            else:  # left to Triton's pipeliner (num_stages)
+                ak, bk, av, bv = _load_cache_block(
+                    ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                    s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+                    s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
+            # -- logits: sum_s a_K,s * (q . b_K,s), all key ranks in one tensor-core product
+            if IEEE:
+                qk = tl.dot(q, tl.trans(bk), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(bk))
+            qk = qk * ak.to(tl.float32)  # (ROWS, BLOCK_M * RK_P)
+            if RK_P == 1:
+                s_log2 = qk
+            else:
+                s_log2 = tl.sum(tl.reshape(qk, (BLOCK_ROWS, BLOCK_M, RK_P)), axis=2)  # (ROWS, BLOCK_M)
+            offs_m = m0 + offs_m0
+            visible = (offs_m[None, :] < end) & (offs_m[None, :] <= pos[:, None])
             s_log2 = tl.where(visible, s_log2, float("-inf"))
             # -- online softmax with the running max: a block far below it adds exp2(-big) = 0, never 0/0
             m_new = tl.maximum(m_i, tl.max(s_log2, axis=1))
@@ -163,17 +208,16 @@ if HAS_TRITON:
             p = tl.exp2(s_log2 - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
-            # -- values: sum_u (p * a_V,u) @ b_V,u
-            for u in tl.static_range(RV):
-                av = tl.load(av_ptr + b * s_av_b + offs_m[None, :] * s_av_m + h[:, None] * s_av_h + u * s_av_r,
-                             mask=row_ok[:, None] & m_ok[None, :], other=0.0)
-                bv = tl.load(bv_ptr + b * s_bv_b + offs_m[:, None] * s_bv_m + u * s_bv_r + offs_e[None, :] * s_bv_e,
-                             mask=m_ok[:, None] & (offs_e[None, :] < E), other=0.0)
-                pv = (p * av.to(tl.float32)).to(dt)
-                if IEEE:
-                    acc += tl.dot(pv, bv, input_precision="ieee")
-                else:
-                    acc += tl.dot(pv, bv)
+            # -- values: sum_u (p * a_V,u) @ b_V,u, all value ranks in one product
+            if RV_P == 1:
+                pe = p
+            else:  # (ROWS, BLOCK_M) -> (ROWS, BLOCK_M * RV_P), each position repeated once per rank
+                pe = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_ROWS, BLOCK_M, RV_P)), (BLOCK_ROWS, BLOCK_M * RV_P))
+            pv = (pe * av.to(tl.float32)).to(dt)
+            if IEEE:
+                acc += tl.dot(pv, bv, input_precision="ieee")
+            else:
+                acc += tl.dot(pv, bv)
             m_i = m_new
 
         # -- normalised partial output and its log-sum-exp (natural log), both fp32
@@ -187,29 +231,40 @@ if HAS_TRITON:
     @triton.jit
     def _flashtpa_combine_kernel(part_ptr, lse_ptr, out_ptr, n_splits,
                                  s_p_b, s_p_split, s_p_row, s_l_b, s_l_split, s_o_b, s_o_row,
-                                 E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
-        # one program per (row, sequence); the splits in chunks of BLOCK_S, each chunk one 2-D load
+                                 E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, ONE_PASS: tl.constexpr):
+        # one program per (row, chunk of E, sequence); max-LSE rule: weights exp(lse_i - max lse) <= 1, and splits
+        # with no visible key have lse = -inf and weight 0
         row = tl.program_id(0)
-        b = tl.program_id(1).to(tl.int64)
+        offs_e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
+        b = tl.program_id(2).to(tl.int64)
         offs_s = tl.arange(0, BLOCK_S)
-        offs_e = tl.arange(0, BLOCK_E)
         l_ptrs = lse_ptr + b * s_l_b + row
-        # max-LSE rule: weights exp(lse_i - max lse) <= 1; splits with no visible key have lse = -inf
-        m = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
-        for s0 in range(0, n_splits, BLOCK_S):
-            m = tl.maximum(m, tl.load(l_ptrs + (s0 + offs_s) * s_l_split, mask=s0 + offs_s < n_splits, other=float("-inf")))
-        m_all = tl.max(m, axis=0)
-        m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-        den = tl.zeros((BLOCK_S,), dtype=tl.float32)
-        acc = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
-        for s0 in range(0, n_splits, BLOCK_S):
-            ok = s0 + offs_s < n_splits
-            w = tl.exp(tl.load(l_ptrs + (s0 + offs_s) * s_l_split, mask=ok, other=float("-inf")) - m_all)
-            part = tl.load(part_ptr + b * s_p_b + (s0 + offs_s)[:, None] * s_p_split + row * s_p_row + offs_e[None, :],
-                           mask=ok[:, None] & (offs_e[None, :] < E), other=0.0)
-            den += w
-            acc += w[:, None] * part
-        out = tl.sum(acc, axis=0) / tl.maximum(tl.sum(den, axis=0), 1e-30)  # den = 0 only if no key is visible
+        p_ptrs = part_ptr + b * s_p_b + row * s_p_row + offs_e[None, :]
+        e_ok = offs_e[None, :] < E
+        if ONE_PASS:  # every split in one load of each: one memory round trip
+            ok = offs_s < n_splits
+            lse = tl.load(l_ptrs + offs_s * s_l_split, mask=ok, other=float("-inf"))
+            part = tl.load(p_ptrs + offs_s[:, None] * s_p_split, mask=ok[:, None] & e_ok, other=0.0)
+            m_all = tl.max(lse, axis=0)
+            w = tl.exp(lse - tl.where(m_all == float("-inf"), 0.0, m_all))
+            num, den = tl.sum(w[:, None] * part, axis=0), tl.sum(w, axis=0)
+        else:  # chunks of BLOCK_S splits: the maximum first, then the weighted sum
+            m = tl.full((BLOCK_S,), float("-inf"), dtype=tl.float32)
+            for s0 in range(0, n_splits, BLOCK_S):
+                m = tl.maximum(m, tl.load(l_ptrs + (s0 + offs_s) * s_l_split, mask=s0 + offs_s < n_splits,
+                                          other=float("-inf")))
+            m_all = tl.max(m, axis=0)
+            m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
+            den_s = tl.zeros((BLOCK_S,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_S, BLOCK_E), dtype=tl.float32)
+            for s0 in range(0, n_splits, BLOCK_S):
+                ok = s0 + offs_s < n_splits
+                w = tl.exp(tl.load(l_ptrs + (s0 + offs_s) * s_l_split, mask=ok, other=float("-inf")) - m_all)
+                part = tl.load(p_ptrs + (s0 + offs_s)[:, None] * s_p_split, mask=ok[:, None] & e_ok, other=0.0)
+                den_s += w
+                acc += w[:, None] * part
+            num, den = tl.sum(acc, axis=0), tl.sum(den_s, axis=0)
+        out = num / tl.maximum(den, 1e-30)  # den = 0 only if no key is visible
         tl.store(out_ptr + b * s_o_b + row * s_o_row + offs_e, out.to(out_ptr.dtype.element_ty), mask=offs_e < E)
 
 
@@ -224,8 +279,21 @@ def _num_sms(device):
     return _SM_COUNT[device.index]
 
 
+def _tiles(block_rows, Rk, Rv, D, E, dtype):
+    """(block_m, prefetch, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune)."""
+    r_p = max(triton.next_power_of_2(Rk), triton.next_power_of_2(Rv))
+    if dtype == torch.float32 or max(D, E) > 64:  # wide tiles: no room for a second block in registers
+        return max(16, 32 // r_p), False, 1, 2
+    if r_p == 1 and block_rows <= 32:  # rank-1 K/V: hand prefetch of the next 64 positions (24 KB at H=32)
+        return 64, True, 1, 2
+    if r_p == 1:  # 64 rows (H=48): the prefetched block no longer fits in registers; long blocks instead
+        return 128, False, 1, 2
+    return max(16, 64 // r_p), False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
+
+
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
-                           num_warps=None, num_stages=None):
+                           num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
+                           combine_block_e=16):
     """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning)."""
     B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
     dev = bk.device
@@ -233,15 +301,12 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     n_rows = N * H
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
-    # tiles measured on an H100 (scripts/bench_decode.py --tune): long blocks of the cache per step, two
-    # programs per SM (in all, not per sequence)
-    wide = bk.dtype == torch.float32 or max(D, E) > 64  # bigger tiles: fewer stages fit in shared memory
-    BLOCK_M = block_m or (32 if wide else 64 if BLOCK_ROWS > 32 else 128)
+    bm, pf, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype)
+    BLOCK_M = block_m or bm
+    prefetch = pf if prefetch is None else prefetch
     n_blocks = triton.cdiv(M, BLOCK_M)
-    if num_splits is None:  # M sets the grid, never the compiled code
-        programs = 2 * _num_sms(dev)
-        num_splits = max(1, min(n_blocks, programs // (B * row_blocks)))  # never a partial second wave
-    num_warps = num_warps or 4
+    if num_splits is None:  # M sets the grid, never the compiled code; never a partial second wave
+        num_splits = max(1, min(n_blocks, int((programs_per_sm or per_sm) * _num_sms(dev)) // (B * row_blocks)))
     blocks_per_split = triton.cdiv(n_blocks, num_splits)
     num_splits = triton.cdiv(n_blocks, blocks_per_split)
     out = torch.empty(B, N, H, E, device=dev, dtype=bv.dtype)
@@ -254,16 +319,18 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         *aq.stride(), *bq.stride(), *ak.stride(), *bk.stride(), *av.stride(), *bv.stride(),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
         N, H, M, blocks_per_split, scale * math.log2(math.e) / (Rq * Rk),
-        RQ=Rq, RK=Rk, RV=Rv, D=D, E=E, BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M,
-        BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
-        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages or (1 if wide else 3),
+        RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
+        BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
+        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch,
+        num_warps=num_warps or 4, num_stages=num_stages or stages,
     )
     if not single:
-        _flashtpa_combine_kernel[(n_rows, B)](
+        BLOCK_S = min(combine_block_s, triton.next_power_of_2(num_splits))
+        BLOCK_E = min(combine_block_e, triton.next_power_of_2(E))
+        _flashtpa_combine_kernel[(n_rows, triton.cdiv(E, BLOCK_E), B)](
             part, lse, out, num_splits, part.stride(0), part.stride(1), part.stride(2),
-            lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_S=32, BLOCK_E=triton.next_power_of_2(E),
-            num_warps=2,
+            lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_S=BLOCK_S, BLOCK_E=BLOCK_E,
+            ONE_PASS=BLOCK_S >= num_splits, num_warps=4 if BLOCK_S * BLOCK_E >= 4096 else 2,
         )
     return out
 

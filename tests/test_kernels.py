@@ -67,9 +67,21 @@ def test_any_strides_and_splits():
     assert not ak.is_contiguous() and not bv.is_contiguous()
     for splits in (1, 3, 10):
         check(t, torch.tensor([150, 90]), torch.float32, atol=1e-6, num_splits=splits, block_m=16)
-    # more splits than the combine kernel reads at once (32), and splits past the shorter sequence's end
+    # splits past the shorter sequence's end; the combine in one pass and in chunks of 32 splits (69 > 32)
     t = factors(2, 1, 1100, 3, 2, 1, 1, 16, 16, seed=4)
-    check(t, torch.tensor([1100, 300]), torch.float32, atol=1e-6, num_splits=69, block_m=16)
+    for chunk in (512, 32):
+        check(t, torch.tensor([1100, 300]), torch.float32, atol=1e-6, num_splits=69, block_m=16,
+              combine_block_s=chunk, combine_block_e=8)
+
+
+@needs_triton
+@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "pipeliner"])
+@pytest.mark.parametrize("ranks", [(16, 1, 1), (6, 2, 2), (3, 3, 1), (2, 1, 5)], ids=lambda r: "R" + "".join(map(str, r)))
+def test_both_loop_forms(ranks, prefetch):
+    """The hand-prefetched loop and the plain one (the heuristics pick one per rank), with ranks padded to powers
+    of two, several blocks per split and a ragged batch."""
+    t = factors(2, 2, 150, 6, *ranks, 32, 16, seed=6)
+    check(t, torch.tensor([150, 61]), torch.float32, atol=1e-6, num_splits=3, block_m=16, prefetch=prefetch)
 
 
 def logit_controlled(M, logits, H=4, D=16):
