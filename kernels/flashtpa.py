@@ -293,7 +293,7 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype):
 
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
                            num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
-                           combine_block_e=16):
+                           combine_block_e=32):
     """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning)."""
     B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
     dev = bk.device
