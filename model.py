@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_one_row, tpa_materialize
+from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_one_row, tpa_materialize,
+                     write_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -554,11 +555,10 @@ class KVCache:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
 
     def begin(self, model, T):
-        """Positions (B, T) of T new tokens per row; the mask and row indices every layer uses."""
+        """Positions (B, T) of T new tokens per row, and the mask every layer uses."""
         device = self.seqlens.device
         self.T, self._model, self._key_rope = T, model, None
         self.pos = self.seqlens[:, None] + torch.arange(T, device=device)
-        self.rows = torch.arange(self.B, device=device)[:, None].expand(self.B, T)
         self.mask = None if self.uniform and T == 1 else \
             torch.arange(self.kv_len, device=device)[None, None, :] <= self.pos[:, :, None]  # (B, T, M)
         return self.pos
@@ -581,10 +581,10 @@ class LayerCache:
         return getattr(self.cache, name)
 
     def write(self, **new):
-        """new: name -> (B, T, ...) entries of the new tokens, stored at their positions."""
+        """new: name -> (B|1, T, ...) entries of the new tokens, stored at their positions (on CUDA all of a
+        layer's tensors in one kernel launch: kernels/cache_write.py)."""
         c = self.cache
-        for name, t in new.items():
-            self.tensors[name][c.rows, c.pos] = t.to(self.tensors[name].dtype).expand(c.B, c.T, *t.shape[2:])
+        write_rows([self.tensors[name] for name in new], [t.expand(c.B, c.T, *t.shape[2:]) for t in new.values()], c.pos)
 
     def read(self, name):
         return self.tensors[name][:, :self.cache.kv_len]
