@@ -280,15 +280,20 @@ def _num_sms(device):
 
 
 def _tiles(block_rows, Rk, Rv, D, E, dtype):
-    """(block_m, prefetch, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune)."""
-    r_p = max(triton.next_power_of_2(Rk), triton.next_power_of_2(Rv))
-    if dtype == torch.float32 or max(D, E) > 64:  # wide tiles: no room for a second block in registers
-        return max(16, 32 // r_p), False, 1, 2
+    """(block_m, prefetch, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune).
+    A block's factor tiles have block_m * R_P rows: the rows are budgeted (64, or 32 for 4-byte or 128-wide
+    features) so that high ranks keep the tiles in shared memory, and tensor-core products need >= 16 rows."""
+    rk_p, rv_p = triton.next_power_of_2(Rk), triton.next_power_of_2(Rv)
+    r_p = max(rk_p, rv_p)
+    wide = dtype == torch.float32 or max(D, E) > 64
+    block_m = max(2, 16 // min(rk_p, rv_p), (32 if wide else 64) // r_p)
+    if wide:  # wide tiles: no room for a second block in registers
+        return block_m, False, 1, 2
     if r_p == 1 and block_rows <= 32:  # rank-1 K/V: hand prefetch of the next 64 positions (24 KB at H=32)
         return 64, True, 1, 2
     if r_p == 1:  # 64 rows (H=48): the prefetched block no longer fits in registers; long blocks instead
         return 128, False, 1, 2
-    return max(16, 64 // r_p), False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
+    return block_m, False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
 
 
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,

@@ -43,6 +43,7 @@ CASES = [  # B, N, M, H, (Rq, Rk, Rv), D, E, ragged
     (1, 16, 200, 47, (6, 2, 2), 64, 64, True),
     (2, 1, 130, 5, (3, 3, 1), 128, 64, True),
     (1, 3, 77, 61, (1, 1, 1), 64, 128, False),
+    (2, 2, 70, 4, (4, 16, 32), 32, 16, True),  # high K/V ranks: 2 positions per block (the tiles' row budget)
 ]
 
 
