@@ -1,0 +1,69 @@
+"""
+Where a decode step's time goes: torch.profiler over replays of the compiled, CUDA-graph-captured decode step of
+a Medium model (random weights, bf16), on a CUDA GPU.
+
+    python -m scripts.profile_decode                        # T6, batch 1, 32K context
+    python -m scripts.profile_decode --attn=mha --B=16 --context=8192
+
+Prints the kernels per step, the kernel time per step by group (matrix-vector products, FlashTPA, its combine,
+cache writes, other fused kernels) and the top kernels. Kernel times under the profiler run ~10% above an
+unprofiled step (scripts/bench_generate.py times those).
+"""
+
+import argparse
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from model import KVCache
+from scripts.bench_generate import build
+
+GROUPS = [("matrix-vector (kernels/gemv.py)", ("_gemv_kernel",)), ("FlashTPA", ("_flashtpa_decode_kernel",)),
+          ("FlashTPA combine", ("_flashtpa_combine_kernel",)), ("cache write (kernels/cache_write.py)", ("_write_rows_kernel",)),
+          ("cuBLAS", ("gemm", "gemv2", "gemvx", "splitk")), ("SDPA", ("flash", "fmha", "attention"))]
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--attn", default="tpa")
+    parser.add_argument("--B", type=int, default=1)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args()
+    model = build(args.attn, args.context + 64)
+    cache = KVCache(model, args.B, args.context + 40)
+    for layer in cache.layers:
+        for t in layer.values():
+            t.normal_(0, 0.5)
+    cache.seqlens.fill_(args.context)
+    with torch.no_grad():
+        step = model._graph_decode_step(cache, args.B, model.compiled_decode_step())
+        tok = torch.zeros(args.B, dtype=torch.long, device="cuda")
+        for _ in range(3):
+            tok = step(tok).argmax(-1)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.steps):
+                tok = step(tok).argmax(-1)
+            torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    n = args.steps
+    by_group, count = defaultdict(float), defaultdict(int)
+    for e in kernels:
+        if e.name.startswith("triton_"):  # torch.compile's generated kernels (their names list the fused ops)
+            group = "torch.compile fused (norms, RoPE, SwiGLU, ...)"
+        else:
+            group = next((g for g, keys in GROUPS if any(k in e.name.lower() for k in keys)), "other")
+        by_group[group] += e.device_time / n / 1000  # ms per step
+        count[group] += 1
+    print(f"{torch.cuda.get_device_name()}: {args.attn}, B={args.B}, context {args.context}: "
+          f"{len(kernels) / n:.0f} kernels per step, {sum(by_group.values()):.3f} ms of kernel time per step")
+    print("| group | kernels / step | ms / step |\n|---|---|---|")
+    for group, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
+        print(f"| {group} | {count[group] / n:.0f} | {ms:.3f} |")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
