@@ -110,12 +110,12 @@ def write_rows(dsts, srcs, pos, impl=None):
     """dsts[i][b, pos[b, t]] = srcs[i][b, t] (see the module docstring). impl: None (the Triton op when every
     tensor is on CUDA and all destinations share B and L, else the reference), "triton" or "ref"."""
     dsts, srcs = list(dsts), list(srcs)
+    fits = all(d.is_contiguous() and d.shape[:2] == dsts[0].shape[:2] for d in dsts)  # what the kernel assumes
     if impl is None:
-        same = all(d.shape[:2] == dsts[0].shape[:2] and d.is_contiguous() for d in dsts)
-        impl = "triton" if HAS_TRITON and pos.is_cuda and same else "ref"
+        impl = "triton" if HAS_TRITON and pos.is_cuda and fits else "ref"
     if impl == "triton":
         _check(dsts, srcs, pos)
-        if not all(d.is_contiguous() and d.shape[:2] == dsts[0].shape[:2] for d in dsts):
+        if not fits:
             raise ValueError("write_rows(impl='triton'): destinations must be contiguous and share (B, L)")
         return _write_rows_op(dsts, srcs, pos)
     if impl == "ref":

@@ -19,7 +19,6 @@ import os
 
 import torch
 import torch.nn.functional as F
-import triton
 from triton.testing import do_bench_cudagraph
 
 from kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
