@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_one_row, tpa_materialize,
-                     write_rows)
+                     write_factors, write_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -173,7 +173,7 @@ def model_config(size="small", attn="tpa", **overrides):
 
 
 def rms_norm(x):
-    # weightless RMSNorm, eps = the dtype's machine epsilon (as in the official T6 code)
+    # weightless RMSNorm; F.rms_norm's default eps: the machine epsilon of the type it computes in (fp32 for bf16)
     return F.rms_norm(x, (x.size(-1),))
 
 
@@ -703,7 +703,7 @@ class GPT(nn.Module):
         """nanoGPT's generate: idx (B, T) -> (B, T + max_new_tokens). top_k=1 (or temperature=0) is greedy.
 
         Keyword options are those of generate_stream (prompt_lens for a ragged batch, stop_tokens,
-        use_cache, use_kernel, cuda_graph, generator). With prompt_lens or stop_tokens it returns a list
+        use_cache, use_kernel, cuda_graph, compile, fused, generator). With prompt_lens or stop_tokens it returns a list
         of 1-D tensors (prompt + generated tokens, up to and including a stop token) instead.
         """
         steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, **kwargs))
@@ -725,14 +725,16 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, prompt_lens=None,
                         stop_tokens=None, use_cache=True, use_kernel=True, cuda_graph=False, compile=False,
-                        generator=None):
+                        fused=None, generator=None):
         """Yield the next token of every sequence, (B,), max_new_tokens times (fewer if all stop).
 
         idx (B, T): prompts, right-padded when prompt_lens (B,) gives their lengths. use_cache=False
         recomputes the whole sequence at every step (the reference). use_kernel: FlashTPA on CUDA for TPA.
         cuda_graph: capture the decode step in a CUDA graph (CUDA only; batch-1 decoding is then not
         bound by kernel launches). compile: torch.compile the decode step (fuses its elementwise work;
-        with cuda_graph the compiled step is what is captured).
+        with cuda_graph the compiled step is what is captured). fused: batch-1 T6 decodes through
+        fused_decode_step (None: on CUDA, where it is faster; True: wherever it applies; False: never); it needs no
+        compile, and with cuda_graph it is what is captured.
         """
         B, T = idx.shape
         lens = torch.full((B,), T, device=idx.device) if prompt_lens is None else \
@@ -764,6 +766,8 @@ class GPT(nn.Module):
         next_logits = logits[torch.arange(B), lens - 1]
         step_fn, host_len = None, T
         decode = self.compiled_decode_step() if compile else self.decode_step
+        if (fused or (fused is None and idx.is_cuda)) and self.fused_decode_ok(cache):
+            decode = self.fused_decode_step
         if cuda_graph:
             step_fn = self._graph_decode_step(cache, B, decode)
         for step in range(max_new_tokens):
@@ -791,6 +795,44 @@ class GPT(nn.Module):
         if getattr(self, "_compiled_decode", None) is None:
             self._compiled_decode = torch.compile(self.decode_step, dynamic=True)
         return self._compiled_decode
+
+    def fused_decode_ok(self, cache):
+        """Whether fused_decode_step serves this model and cache: T6 (attn='tpa' without gate, KV shift, constant
+        or shared factors, third order) at batch 1."""
+        c, attn = self.config, self.transformer.h[0].attn
+        return (cache.B == 1 and c.attn == "tpa" and not (c.attn_gate or c.kv_shift or c.tpa_const_a or c.tpa_const_b
+                or c.tpa_shared_b) and c.tpa_order == 2 and attn.rope_dim == attn.head_dim and bool(cache.use_kernel))
+
+    def fused_decode_step(self, tok, cache):
+        """decode_step for batch-1 T6 as a chain of fused kernels, 6 per layer (the compiled step runs ~12):
+        RMSNorm + factor projection (kernels/gemv.py), RoPE + cache write (kernels/cache_write.py), FlashTPA and
+        its combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
+        residual. On a GPU of compute capability >= 9 every kernel uses programmatic dependent launch: it starts
+        while the previous one finishes and loads its weights (or first cache block) before waiting for it.
+        Off CUDA the same arithmetic runs through the kernels' PyTorch references. tok (1, 1) -> (1, V)."""
+        if not self.fused_decode_ok(cache) or tok.shape != (1, 1):
+            raise ValueError("fused_decode_step serves batch-1 T6 models (see fused_decode_ok), one token per step")
+        kern = cache.use_kernel == "triton" or (HAS_TRITON and tok.is_cuda)
+        impl = "triton" if kern else "ref"
+        pos = cache.seqlens  # (1,) the new token's position
+        seqlens = pos + 1  # computed before the chain: FlashTPA reads it before waiting for the previous kernel
+        x = self.transformer.wte(tok).view(-1)  # (C,) the residual stream
+        D = self.config.head_dim
+        cos, sin = getattr(self, f"rope_cos_{D}"), getattr(self, f"rope_sin_{D}")
+        for block, layer in zip(self.transformer.h, cache.layers):
+            attn, mlp = block.attn, block.mlp
+            f = linear_one_row(x, attn.c_fact.weight, norm=True, impl=impl, pdl=True)  # (F,) every factor
+            q = {"aq": x.new_empty(1, 1, attn.n_head, attn.ranks["q"]), "bq": x.new_empty(1, 1, attn.ranks["q"], D)}
+            write_factors(f, [layer.get(n, q.get(n)) for n in attn.names], [n in ("bq", "bk") for n in attn.names],
+                          [n in layer for n in attn.names], pos, cos, sin, impl=impl, pdl=True)
+            y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
+                                impl=impl, pdl=True)  # (1, 1, H, D)
+            x = linear_one_row(y.view(-1), attn.c_proj.weight, residual=x, impl=impl, pdl=True)
+            h = linear_one_row(x, mlp.c_fc.weight, norm=True, glu=True, impl=impl, pdl=True)
+            x = linear_one_row(h, mlp.c_proj.weight, residual=x, impl=impl, pdl=True)
+        logits = linear_one_row(x, self.lm_head.weight, norm=True, impl=impl, pdl=True)
+        cache.seqlens.copy_(seqlens)
+        return logits.view(1, -1)
 
     def _graph_decode_step(self, cache, B, decode=None):
         """Capture one decode step (decode_step, or its compiled version) over the whole cache

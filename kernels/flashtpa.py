@@ -44,6 +44,7 @@ import torch
 try:
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     HAS_TRITON = True
 except ImportError:  # the references still work
     HAS_TRITON = False
@@ -135,8 +136,10 @@ if HAS_TRITON:
         RQ: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RK_P: tl.constexpr, RV_P: tl.constexpr,
         D: tl.constexpr, E: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
-        HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr,
+        HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # programmatic dependent launch: the combine (and what follows it) may launch now
+            gdc_launch_dependents()
         split = tl.program_id(0)
         row_block = tl.program_id(1)
         b = tl.program_id(2).to(tl.int64)
@@ -159,10 +162,23 @@ if HAS_TRITON:
         start = split * blocks_per_split * BLOCK_M
         end = tl.minimum(start + blocks_per_split * BLOCK_M, L)
         if PREFETCH:  # the first block is in flight while q is formed
+            # with PDL, before the previous kernel has finished: only positions before the new tokens' (L - N),
+            # which no kernel of this step writes; a block that reaches the new tokens is loaded again after the wait
+            end_first = end
+            if PDL:
+                end_first = tl.minimum(end, L - N)
             ak_n, bk_n, av_n, bv_n = _load_cache_block(
-                ak_ptr, bk_ptr, av_ptr, bv_ptr, b, start, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                ak_ptr, bk_ptr, av_ptr, bv_ptr, b, start, end_first, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
                 s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
                 s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
+        if PDL:  # the queries (and the newest cache rows) are the previous kernels' output
+            gdc_wait()
+            if PREFETCH:
+                if start + BLOCK_M > L - N:
+                    ak_n, bk_n, av_n, bv_n = _load_cache_block(
+                        ak_ptr, bk_ptr, av_ptr, bv_ptr, b, start, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                        s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+                        s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
 
         # -- q = (1/Rq) A_Q^T B_Q for this block's rows; the softmax scale (in log2 units) and 1/Rk folded in
         q = tl.zeros((BLOCK_ROWS, BLOCK_D), dtype=tl.float32)
@@ -231,7 +247,11 @@ if HAS_TRITON:
     @triton.jit
     def _flashtpa_combine_kernel(part_ptr, lse_ptr, out_ptr, n_splits,
                                  s_p_b, s_p_split, s_p_row, s_l_b, s_l_split, s_o_b, s_o_row,
-                                 E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, ONE_PASS: tl.constexpr):
+                                 E: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, ONE_PASS: tl.constexpr,
+                                 PDL: tl.constexpr):
+        if PDL:  # everything read here is the decode kernel's output
+            gdc_launch_dependents()
+            gdc_wait()
         # one program per (row, chunk of E, sequence); max-LSE rule: weights exp(lse_i - max lse) <= 1, and splits
         # with no visible key have lse = -inf and weight 0
         row = tl.program_id(0)
@@ -298,8 +318,13 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype):
 
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
                            num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
-                           combine_block_e=32):
-    """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning)."""
+                           combine_block_e=32, pdl=False):
+    """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning).
+
+    pdl=True (compute capability >= 9): both kernels use programmatic dependent launch. The call may then start
+    while the previous kernel of the stream still runs: seqlens and the cache before each sequence's new tokens
+    (positions < seqlens - N) are read before waiting for it, so the caller guarantees that no kernel of the same
+    chain of dependent launches writes them (model.GPT's fused decode step computes seqlens before the chain)."""
     B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
     dev = bk.device
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
@@ -319,6 +344,8 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     part = out.view(B, 1, n_rows, E) if single else torch.empty(B, num_splits, n_rows, E, device=dev, dtype=torch.float32)
     lse = torch.empty(B, num_splits, n_rows, device=dev, dtype=torch.float32)
     seq = seqlens if seqlens is not None else lse  # a dummy pointer when HAS_SEQLENS is False
+    pdl = bool(pdl) and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+    launch = {"launch_pdl": True} if pdl else {}
     _flashtpa_decode_kernel[(num_splits, row_blocks, B)](
         aq, bq, ak, bk, av, bv, seq, part, lse,
         *aq.stride(), *bq.stride(), *ak.stride(), *bk.stride(), *av.stride(), *bv.stride(),
@@ -326,8 +353,8 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         N, H, M, blocks_per_split, scale * math.log2(math.e) / (Rq * Rk),
         RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
-        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch,
-        num_warps=num_warps or 4, num_stages=num_stages or stages,
+        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl,
+        num_warps=num_warps or 4, num_stages=num_stages or stages, **launch,
     )
     if not single:
         BLOCK_S = min(combine_block_s, triton.next_power_of_2(num_splits))
@@ -335,7 +362,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         _flashtpa_combine_kernel[(n_rows, triton.cdiv(E, BLOCK_E), B)](
             part, lse, out, num_splits, part.stride(0), part.stride(1), part.stride(2),
             lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_S=BLOCK_S, BLOCK_E=BLOCK_E,
-            ONE_PASS=BLOCK_S >= num_splits, num_warps=4 if BLOCK_S * BLOCK_E >= 4096 else 2,
+            ONE_PASS=BLOCK_S >= num_splits, PDL=pdl, num_warps=4 if BLOCK_S * BLOCK_E >= 4096 else 2, **launch,
         )
     return out
 
@@ -351,14 +378,18 @@ if HAS_TRITON:  # an opaque op for torch.compile: a compiled decode step keeps t
         return aq.new_empty(*aq.shape[:3], bv.shape[-1], dtype=bv.dtype)
 
 
-def flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, impl=None):
+def flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, impl=None, pdl=False):
     """FlashTPA decode (see the module docstring). impl: None (Triton on CUDA, else the reference),
-    "triton" or "ref"."""
+    "triton" or "ref". pdl: programmatic dependent launch on CUDA (see flashtpa_decode_triton), outside the
+    torch.library op (not for torch.compile)."""
     if impl is None:
         impl = "triton" if HAS_TRITON and bk.is_cuda else "ref"
     if impl == "triton":
         if not HAS_TRITON:
             raise RuntimeError("flashtpa_decode(impl='triton') needs the triton package")
+        if pdl and bk.is_cuda:
+            _check(aq, bq, ak, bk, av, bv, seqlens)
+            return flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens, softmax_scale, pdl=True)
         return _flashtpa_op(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
     if impl == "ref":
         return flashtpa_decode_ref(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)

@@ -5,9 +5,11 @@ Decoding speed of whole models: Medium-size models of every mechanism (random we
     python -m scripts.bench_generate --quick
 
 For each (mechanism, B, context) the cache is filled with random values up to the context, and decode steps
-(one token per sequence) are timed with CUDA events in each --modes: "compiled graph" (the torch.compile'd
-step captured in a CUDA graph, what `sample.py --compile=True` runs), "cuda graph" (the eager step captured),
-"eager" (kv_len = the exact length, no mask); the fastest is reported, with every mode's time.
+(one token per sequence) are timed with CUDA events in each --modes: "fused graph" (batch-1 T6 only:
+GPT.fused_decode_step captured in a CUDA graph, what `sample.py` runs for T6 at batch 1 with --cuda_graph),
+"compiled graph" (the torch.compile'd step captured in a CUDA graph, what `sample.py --compile=True` runs),
+"cuda graph" (the eager step captured), "eager" (kv_len = the exact length, no mask); the fastest is reported,
+with every mode's time.
 Lower bound per step: (weights + cache bytes read) / the device-to-device copy bandwidth measured in the same
 run. Also: the largest context whose cache fits the GPU at B=16 (computed, then allocated to check).
 """
@@ -36,16 +38,20 @@ def build(attn, max_len):
 
 @torch.no_grad()
 def time_decode(model, B, ctx, mode, steps=20, warmup=3):
-    """(ms per step, cache bytes in use) of decode steps in mode "compiled graph", "cuda graph" or "eager"."""
+    """(ms per step, cache bytes in use) of decode steps in mode "fused graph", "compiled graph", "cuda graph" or
+    "eager"; None where the mode does not apply."""
     max_len = ctx + steps + warmup + 4
     cache = KVCache(model, B, max_len)
+    if mode == "fused graph" and not model.fused_decode_ok(cache):
+        return None
     for layer in cache.layers:
         for t in layer.values():
             t.normal_(0, 0.5)
     cache.seqlens.fill_(ctx)
     tok = torch.randint(0, 50257, (B,), device="cuda")
     if mode != "eager":
-        step = model._graph_decode_step(cache, B, model.compiled_decode_step() if mode == "compiled graph" else None)
+        decode = {"compiled graph": model.compiled_decode_step, "fused graph": lambda: model.fused_decode_step}
+        step = model._graph_decode_step(cache, B, decode[mode]() if mode in decode else None)
     else:
         cache.uniform = True
         length = [ctx]
@@ -73,7 +79,8 @@ def main():
     parser.add_argument("--attns", default=",".join(ATTNS))
     parser.add_argument("--Bs", default="1,16")
     parser.add_argument("--contexts", default="1024,8192,32768")
-    parser.add_argument("--modes", default="compiled graph,cuda graph", help="of: compiled graph, cuda graph, eager")
+    parser.add_argument("--modes", default="fused graph,compiled graph,cuda graph",
+                        help="of: fused graph, compiled graph, cuda graph, eager")
     args = parser.parse_args()
     name = torch.cuda.get_device_name()
     bw = copy_bandwidth()
@@ -89,7 +96,9 @@ def main():
                 times = {}
                 for mode in args.modes.split(","):
                     try:
-                        times[mode] = time_decode(model, B, ctx, mode)
+                        t = time_decode(model, B, ctx, mode)
+                        if t is not None:
+                            times[mode] = t
                     except torch.cuda.OutOfMemoryError:
                         continue
                     finally:

@@ -4,10 +4,12 @@ a Medium model (random weights, bf16), on a CUDA GPU.
 
     python -m scripts.profile_decode                        # T6, batch 1, 32K context
     python -m scripts.profile_decode --attn=mha --B=16 --context=8192
+    python -m scripts.profile_decode --fused               # T6's batch-1 fused step (GPT.fused_decode_step)
 
 Prints the kernels per step, the kernel time per step by group (matrix-vector products, FlashTPA, its combine,
 cache writes, other fused kernels) and the top kernels. Kernel times under the profiler run ~10% above an
-unprofiled step (scripts/bench_generate.py times those).
+unprofiled step (scripts/bench_generate.py times those); with the fused step's dependent launches, kernels overlap
+and their times add up to more than the step.
 """
 
 import argparse
@@ -20,7 +22,8 @@ from model import KVCache
 from scripts.bench_generate import build
 
 GROUPS = [("matrix-vector (kernels/gemv.py)", ("_gemv_kernel",)), ("FlashTPA", ("_flashtpa_decode_kernel",)),
-          ("FlashTPA combine", ("_flashtpa_combine_kernel",)), ("cache write (kernels/cache_write.py)", ("_write_rows_kernel",)),
+          ("FlashTPA combine", ("_flashtpa_combine_kernel",)),
+          ("cache write (kernels/cache_write.py)", ("_write_rows_kernel", "_write_factors_kernel")),
           ("cuBLAS", ("gemm", "gemv2", "gemvx", "splitk")), ("SDPA", ("flash", "fmha", "attention"))]
 
 
@@ -30,6 +33,7 @@ def main():
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--fused", action="store_true", help="profile GPT.fused_decode_step (batch-1 T6)")
     args = parser.parse_args()
     model = build(args.attn, args.context + 64)
     cache = KVCache(model, args.B, args.context + 40)
@@ -38,7 +42,7 @@ def main():
             t.normal_(0, 0.5)
     cache.seqlens.fill_(args.context)
     with torch.no_grad():
-        step = model._graph_decode_step(cache, args.B, model.compiled_decode_step())
+        step = model._graph_decode_step(cache, args.B, model.fused_decode_step if args.fused else model.compiled_decode_step())
         tok = torch.zeros(args.B, dtype=torch.long, device="cuda")
         for _ in range(3):
             tok = step(tok).argmax(-1)
@@ -57,7 +61,7 @@ def main():
             group = next((g for g, keys in GROUPS if any(k in e.name.lower() for k in keys)), "other")
         by_group[group] += e.device_time / n / 1000  # ms per step
         count[group] += 1
-    print(f"{torch.cuda.get_device_name()}: {args.attn}, B={args.B}, context {args.context}: "
+    print(f"{torch.cuda.get_device_name()}: {args.attn}{' fused' if args.fused else ''}, B={args.B}, context {args.context}: "
           f"{len(kernels) / n:.0f} kernels per step, {sum(by_group.values()):.3f} ms of kernel time per step")
     print("| group | kernels / step | ms / step |\n|---|---|---|")
     for group, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):

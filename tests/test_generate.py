@@ -93,6 +93,56 @@ def test_flashtpa_in_the_decode_path(attn, opts):
                        model.generate(idx, 5, top_k=1, use_kernel=False, prompt_lens=[5, 2])[1])
 
 
+@pytest.mark.parametrize("use_kernel", [True, "triton"], ids=["references", "kernels"])
+def test_fused_decode_step(use_kernel):
+    """Batch-1 T6: the fused decode step (RMSNorm, SwiGLU and residual adds inside the matrix-vector kernels, RoPE
+    inside the cache write) gives decode_step's logits and cache contents, step by step."""
+    if use_kernel == "triton" and not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    model = randomize(tiny("tpa"), std=0.1)
+    seq = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(3))
+    runs = []
+    for fused in (False, True):
+        cache = KVCache(model, 1, 12)
+        cache.use_kernel, cache.fresh, cache.kv_len = use_kernel, True, 4
+        model(seq[:, :4], all_logits=True, cache=cache)
+        cache.fresh = False
+        logits = []
+        for t in range(4, 12):
+            cache.kv_len = t + 1
+            step = model.fused_decode_step if fused else model.decode_step
+            logits.append(step(seq[:, t:t + 1], cache))
+        runs.append((torch.stack(logits), cache))
+    (ref, ref_cache), (got, got_cache) = runs
+    assert got.shape == ref.shape == (8, 1, V)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(got_cache.seqlens, ref_cache.seqlens) and got_cache.seqlens.item() == 12
+    for a, b in zip(got_cache.layers, ref_cache.layers):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
+    # generate(fused=True) gives the same greedy tokens; what the fused step does not serve falls back or says so
+    idx = seq[:, :5]
+    assert torch.equal(model.generate(idx, 6, top_k=1, fused=True, use_kernel=use_kernel),
+                       model.generate(idx, 6, top_k=1, fused=False, use_kernel=use_kernel))
+    assert not model.fused_decode_ok(KVCache(model, 2, 8))
+    assert not tiny("tpa", kv_shift=True).fused_decode_ok(KVCache(tiny("tpa", kv_shift=True), 1, 8))
+    with pytest.raises(ValueError, match="batch-1 T6"):
+        model.fused_decode_step(seq[:, :1].expand(2, 1), KVCache(model, 2, 8))
+    if use_kernel == "triton":  # fp16 (the interpreter mis-handles bf16): the same arithmetic up to rounding (the
+        # norm's eps is fp32's, as in F.rms_norm: fp16's would change these logits by ~8%)
+        half = [run_half(model.half(), seq, fused) for fused in (False, True)]
+        assert ((half[1] - half[0]).norm() / half[0].norm()).item() < 5e-3
+
+
+def run_half(model, seq, fused):
+    cache = KVCache(model, 1, 12)
+    cache.use_kernel, cache.fresh, cache.kv_len = "triton", True, 4
+    model(seq[:, :4], all_logits=True, cache=cache)
+    cache.fresh, cache.kv_len = False, 12
+    return torch.stack([(model.fused_decode_step if fused else model.decode_step)(seq[:, t:t + 1], cache).float()
+                        for t in range(4, 12)])
+
+
 @pytest.mark.parametrize("attn,opts", VARIANTS, ids=IDS)
 def test_cache_memory_equals_formula(attn, opts):
     model = tiny(attn, **opts)
