@@ -31,8 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_one_row, tpa_materialize,
-                     write_factors, write_rows)
+from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_factors, linear_one_row,
+                     tpa_materialize, write_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -805,8 +805,8 @@ class GPT(nn.Module):
 
     def fused_decode_step(self, tok, cache):
         """decode_step for batch-1 T6 as a chain of fused kernels, 6 per layer (the compiled step runs ~12):
-        RMSNorm + factor projection (kernels/gemv.py), RoPE + cache write (kernels/cache_write.py), FlashTPA and
-        its combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
+        RMSNorm + factor projection + RoPE + cache write (kernels/gemv.py's linear_factors), FlashTPA and its
+        combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
         residual. On a GPU of compute capability >= 9 every kernel uses programmatic dependent launch: it starts
         while the previous one finishes and loads its weights (or first cache block) before waiting for it.
         Off CUDA the same arithmetic runs through the kernels' PyTorch references. tok (1, 1) -> (1, V)."""
@@ -821,10 +821,10 @@ class GPT(nn.Module):
         cos, sin = getattr(self, f"rope_cos_{D}"), getattr(self, f"rope_sin_{D}")
         for block, layer in zip(self.transformer.h, cache.layers):
             attn, mlp = block.attn, block.mlp
-            f = linear_one_row(x, attn.c_fact.weight, norm=True, impl=impl, pdl=True)  # (F,) every factor
             q = {"aq": x.new_empty(1, 1, attn.n_head, attn.ranks["q"]), "bq": x.new_empty(1, 1, attn.ranks["q"], D)}
-            write_factors(f, [layer.get(n, q.get(n)) for n in attn.names], [n in ("bq", "bk") for n in attn.names],
-                          [n in layer for n in attn.names], pos, cos, sin, impl=impl, pdl=True)
+            linear_factors(x, attn.c_fact.weight, [layer.get(n, q.get(n)) for n in attn.names],  # the factors, rotated,
+                           [n in ("bq", "bk") for n in attn.names], [n in layer for n in attn.names],  # into the
+                           pos, cos, sin, norm=True, impl=impl, pdl=True)  # cache and the query buffers
             y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
                                 impl=impl, pdl=True)  # (1, 1, H, D)
             x = linear_one_row(y.view(-1), attn.c_proj.weight, residual=x, impl=impl, pdl=True)

@@ -8,8 +8,14 @@ with what sits around a decode step's weight matmuls fused in.
     y = linear_one_row(x, w, glu=True)               # w = [W_gate; W_up] (2H, K) -> silu(W_gate x) * (W_up x) (..., H)
     y = linear_one_row(x, w, residual=r)             # r + W x (r (..., N)): the residual add of a block
     y = linear_one_row(x, w, pdl=True)               # programmatic dependent launch (below)
+    linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=True)
+        # batch-1 TPA decoding (model.GPT.fused_decode_step): the factor projection y = W rms_norm(x) (F,) =
+        # [piece_0 | piece_1 | ...] split into dsts[i] (1, L_i, *F_i) at position pos (1,) (or 0 where not
+        # at_pos[i]), pieces with rotate[i] turned by RoPE (half-split pairs) with row pos of the fp32 cos / sin
+        # tables (max_len, half): the cache write and the query factors, no y in memory
 
-linear_one_row_ref is the PyTorch reference with the same signature (F.rms_norm, F.linear, F.silu). Why a kernel: at
+linear_one_row_ref / linear_factors_ref are the PyTorch references with the same signatures (F.rms_norm, F.linear,
+F.silu, the model's RoPE, index writes). Why a kernel: at
 batch 1 every weight matmul of a decode step is a matrix-vector product, cuBLAS runs them at about a third of the
 copy bandwidth on an H100, and the norms, SwiGLU and residual adds between them are ~1.5 us kernels each. Here
 each program owns BLOCK_N rows of W (and the matching rows of W_up), loads them whole (or in BLOCK_K chunks for
@@ -53,26 +59,57 @@ def linear_one_row_ref(x, w, norm=False, glu=False, residual=None):
     return y if residual is None else residual + y
 
 
+# (rows per program, warps) without / with programmatic dependent launch, measured on an H100 over a chain of Medium
+# T6's 97 decode matrices in a CUDA graph: 0.445 / 0.330 ms (the previous 8-row kernel: 0.523 ms)
+TILES = {False: (2, 4), True: (4, 4)}
+
+
+def _check_factors(f_size, dsts, rotate, at_pos, pos, cos):
+    sizes = [d[0, 0].numel() for d in dsts]
+    if f_size != sum(sizes) or not len(dsts) == len(rotate) == len(at_pos) or pos.numel() != 1:
+        raise ValueError(f"linear_factors: the weight's {f_size} outputs must be the {sum(sizes)} features of the "
+                         f"{len(dsts)} destinations (rotate, at_pos: one flag each), pos one position")
+    for d, rot in zip(dsts, rotate):
+        if d.size(0) != 1 or not d.is_contiguous() or (rot and d.size(-1) != 2 * cos.size(-1)):
+            raise ValueError(f"linear_factors: destination {tuple(d.shape)} must be contiguous (1, L, ...), and a "
+                             f"rotated one's last axis twice the RoPE tables' {cos.size(-1)}")
+    return sizes
+
+
+def linear_factors_ref(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=False):
+    sizes = _check_factors(w.size(0), dsts, rotate, at_pos, pos, cos)
+    f = linear_one_row_ref(x, w, norm).reshape(-1)
+    for d, piece, rot, at in zip(dsts, f.split(sizes), rotate, at_pos):
+        piece = piece.view(d.shape[2:])
+        if rot:
+            half = d.size(-1) // 2
+            c, s = cos[pos.reshape(())].float(), sin[pos.reshape(())].float()
+            x1, x2 = piece[..., :half].float(), piece[..., half:].float()
+            piece = torch.cat([x1 * c - x2 * s, x1 * s + x2 * c], dim=-1)
+        p = pos.reshape(1).long() if at else torch.zeros(1, dtype=torch.long, device=d.device)
+        row = p.clamp(0, d.size(1) - 1)  # a position outside [0, L) is not written (no host sync to find out)
+        ok = ((p >= 0) & (p < d.size(1))).view(1, *[1] * piece.dim())
+        d[0, row] = torch.where(ok, piece.to(d.dtype)[None], d[0, row])
+
+
 if HAS_TRITON:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, r_ptr, y_ptr, N, K, s_wn, s_wk, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                     NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
-        if PDL:  # the next kernel may launch now and start its own weight loads
-            gdc_launch_dependents()
-        n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output rows (gate rows with GLU)
-        n_ok = n < N
+    def _rows_times_x(x_ptr, w_rows, n_ok, K, s_wk, up, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      NORM: tl.constexpr, GLU: tl.constexpr, PDL: tl.constexpr):
+        """(W x)[rows] for the row pointers w_rows (BLOCK_N, 1), and with GLU the rows `up` elements further,
+        in fp32, scaled by 1 / rms(x) with NORM. With PDL the first weight chunk is requested before the wait."""
         k = tl.arange(0, BLOCK_K)
-        w_rows = w_ptr + n[:, None] * s_wn
         mask = n_ok[:, None] & (k < K)[None, :]
         # the first chunk of weights is requested before the wait: nothing in the chain writes them
         w = tl.load(w_rows + k[None, :] * s_wk, mask=mask, other=0.0)
         if GLU:
-            wu = tl.load(w_rows + N * s_wn + k[None, :] * s_wk, mask=mask, other=0.0)
-        if PDL:  # x (and the residual) are the previous kernel's output
+            wu = tl.load(w_rows + up + k[None, :] * s_wk, mask=mask, other=0.0)
+        if PDL:  # x is the previous kernel's output
             gdc_wait()
         x = tl.load(x_ptr + k, mask=k < K, other=0.0).to(tl.float32)
         acc = w.to(tl.float32) * x[None, :]
+        acc_u = acc
         if GLU:
             acc_u = wu.to(tl.float32) * x[None, :]
         ss = x * x
@@ -82,28 +119,78 @@ if HAS_TRITON:
             x = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
             acc += tl.load(w_rows + kk[None, :] * s_wk, mask=mask, other=0.0).to(tl.float32) * x[None, :]
             if GLU:
-                acc_u += tl.load(w_rows + N * s_wn + kk[None, :] * s_wk, mask=mask, other=0.0).to(tl.float32) * x[None, :]
+                acc_u += tl.load(w_rows + up + kk[None, :] * s_wk, mask=mask, other=0.0).to(tl.float32) * x[None, :]
             ss += x * x
         y = tl.sum(acc, axis=1)
+        u = y
+        if GLU:
+            u = tl.sum(acc_u, axis=1)
         if NORM:  # W (x / rms(x)) = (W x) / rms(x)
             inv = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
             y = y * inv
+            u = u * inv
+        return y, u
+
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, r_ptr, y_ptr, N, K, s_wn, s_wk, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     NORM: tl.constexpr, GLU: tl.constexpr, RESIDUAL: tl.constexpr, PDL: tl.constexpr):
+        if PDL:  # the next kernel may launch now and start its own weight loads
+            gdc_launch_dependents()
+        n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output rows (gate rows with GLU)
+        n_ok = n < N
+        y, u = _rows_times_x(x_ptr, w_ptr + n[:, None] * s_wn, n_ok, K, s_wk, N * s_wn, eps, BLOCK_N, BLOCK_K, NORM, GLU,
+                             PDL)
         if GLU:
-            u = tl.sum(acc_u, axis=1)
-            if NORM:
-                u = u * inv
             y = y * tl.sigmoid(y) * u
-        if RESIDUAL:
+        if RESIDUAL:  # read after the wait (in _rows_times_x)
             y += tl.load(r_ptr + n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
+    @triton.jit
+    def _pick(i, a0, a1, a2, a3, a4, a5):
+        return tl.where(i == 0, a0, tl.where(i == 1, a1, tl.where(i == 2, a2, tl.where(i == 3, a3, tl.where(i == 4, a4, a5)))))
+
+    @triton.jit
+    def _gemv_factors_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, s_cos, L, K, s_wn, s_wk, eps,
+                             d0, o0, n0, m0, p0, d1, o1, n1, m1, p1, d2, o2, n2, m2, p2,
+                             d3, o3, n3, m3, p3, d4, o4, n4, m4, p4, d5, o5, n5, m5, p5,
+                             ROT: tl.constexpr, AT: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
+        # piece i: rows o_i .. o_i + n_i of W -> destination d_i (row pos, stride m_i, if bit i of AT), programs
+        # p_i .. p_{i+1} - 1. A rotated piece is processed in RoPE pairs: slot 2t / 2t+1 of a vector holds its
+        # rows t / t + HALF, so one program owns both halves of every pair it rotates.
+        if PDL:
+            gdc_launch_dependents()
+        pid = tl.program_id(0)
+        seg = (pid >= p1).to(tl.int32) + (pid >= p2) + (pid >= p3) + (pid >= p4) + (pid >= p5)
+        dst = _pick(seg, d0, d1, d2, d3, d4, d5)
+        off, size = _pick(seg, o0, o1, o2, o3, o4, o5), _pick(seg, n0, n1, n2, n3, n4, n5)
+        stride_m, first = _pick(seg, m0, m1, m2, m3, m4, m5), _pick(seg, p0, p1, p2, p3, p4, p5)
+        rot, at = (ROT >> seg) & 1, (AT >> seg) & 1
+        slot = (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = slot < size
+        rot_row = (slot // (2 * HALF)) * (2 * HALF) + (slot % (2 * HALF)) // 2 + (slot % 2) * HALF
+        row = tl.where(rot == 1, rot_row, slot)  # within the piece
+        y, _ = _rows_times_x(x_ptr, w_ptr + (off + row).to(tl.int64)[:, None] * s_wn, ok, K, s_wk, 0, eps, BLOCK_N,
+                             BLOCK_K, NORM, False, PDL)
+        p = tl.load(pos_ptr).to(tl.int64)
+        if rot == 1:  # [x1 | x2] -> [x1 c - x2 s | x1 s + x2 c], the model's half-split RoPE
+            x1, x2 = tl.split(tl.reshape(y, (BLOCK_N // 2, 2)))
+            s0, s1 = tl.split(tl.reshape(slot, (BLOCK_N // 2, 2)))
+            i = (s0 % (2 * HALF)) // 2
+            c = tl.load(cos_ptr + p * s_cos + i)
+            s = tl.load(sin_ptr + p * s_cos + i)
+            y = tl.reshape(tl.join(x1 * c - x2 * s, x1 * s + x2 * c), (BLOCK_N,))
+        if (at == 0) | ((p >= 0) & (p < L)):  # a position outside the cache is not written
+            tl.store(dst + p * at * stride_m + row, y.to(dst.dtype.element_ty), mask=ok)
+
     def _launch(launcher, x1, w, r1, y, norm, glu, pdl):
         N, K = y.numel(), w.size(1)
-        BLOCK_N = 4 if pdl else 2  # measured on an H100: a chain of Medium T6's 97 matrices (.carry-style script)
+        BLOCK_N, warps = TILES[pdl]
         BLOCK_K = min(triton.next_power_of_2(K), 16384 // (BLOCK_N * (2 if glu else 1)))
         launcher[(triton.cdiv(N, BLOCK_N),)](
             x1, w, y if r1 is None else r1, y, N, K, w.stride(0), w.stride(1), _norm_eps(x1.dtype),
-            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NORM=norm, GLU=glu, RESIDUAL=r1 is not None, PDL=pdl, num_warps=4,
+            BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K, NORM=norm, GLU=glu, RESIDUAL=r1 is not None, PDL=pdl, num_warps=warps,
             **({"launch_pdl": True} if pdl else {}))
 
     def _flat(x, w, glu, residual):
@@ -117,6 +204,40 @@ if HAS_TRITON:
         x1, r1, y = _flat(x, w, glu, residual)
         _launch(wrap_triton(_gemv_kernel), x1, w, r1, y, norm, glu, False)
         return y.view(*x.shape[:-1], y.numel())
+
+
+def linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=False, impl=None, pdl=False):
+    """The factor projection of one token written straight into its destinations (see the module docstring).
+    impl: None (the Triton kernel for CUDA tensors, at most six pieces and a power-of-two RoPE half width, else
+    the reference), "triton" or "ref". pdl as in linear_one_row; pos and the tables are read after the wait."""
+    if x.numel() != x.size(-1) or w.dim() != 2 or w.size(1) != x.size(-1):
+        raise ValueError(f"linear_factors: x {tuple(x.shape)} must hold one row of w's {w.size(-1)} input features")
+    sizes = _check_factors(w.size(0), dsts, rotate, at_pos, pos, cos)
+    half = cos.size(-1)
+    fits = len(dsts) <= 6 and half & (half - 1) == 0 and half >= 1  # what the kernel handles
+    if impl is None:
+        impl = "triton" if HAS_TRITON and x.is_cuda and x.dtype == w.dtype and fits else "ref"
+    if impl == "ref":
+        return linear_factors_ref(x, w, dsts, rotate, at_pos, pos, cos, sin, norm)
+    if impl != "triton":
+        raise ValueError(f"impl={impl!r}: use None, 'triton' or 'ref'")
+    if not fits:
+        raise ValueError(f"linear_factors(impl='triton'): at most 6 pieces (got {len(dsts)}) and a RoPE half width "
+                         f"that is a power of two (got {half})")
+    pdl = bool(pdl) and _pdl_ok(x.device)
+    BLOCK_N, warps = TILES[pdl]
+    args, off, prog = [], 0, 0
+    for d, n in zip(dsts, sizes):
+        args += [d, off, n, d.stride(1), prog]
+        off, prog = off + n, prog + triton.cdiv(n, BLOCK_N)
+    args += [dsts[0], 0, 0, 0, prog] * (6 - len(dsts))  # unused pieces: no program reaches them
+    K = w.size(1)
+    _gemv_factors_kernel[(prog,)](
+        x.reshape(-1).contiguous(), w, pos, cos, sin, cos.stride(0),
+        min([d.size(1) for d, a in zip(dsts, at_pos) if a] or [1]), K, w.stride(0), w.stride(1), _norm_eps(x.dtype),
+        *args, ROT=sum(1 << i for i, r in enumerate(rotate) if r), AT=sum(1 << i for i, a in enumerate(at_pos) if a),
+        HALF=half, BLOCK_N=BLOCK_N, BLOCK_K=min(triton.next_power_of_2(K), 16384 // BLOCK_N), NORM=norm, PDL=pdl,
+        num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
 
 def _pdl_ok(device):

@@ -21,9 +21,10 @@ from torch.profiler import ProfilerActivity, profile
 from model import KVCache
 from scripts.bench_generate import build
 
-GROUPS = [("matrix-vector (kernels/gemv.py)", ("_gemv_kernel",)), ("FlashTPA", ("_flashtpa_decode_kernel",)),
+GROUPS = [("matrix-vector (kernels/gemv.py)", ("_gemv_kernel", "_gemv_factors_kernel")),
+          ("FlashTPA", ("_flashtpa_decode_kernel",)),
           ("FlashTPA combine", ("_flashtpa_combine_kernel",)),
-          ("cache write (kernels/cache_write.py)", ("_write_rows_kernel", "_write_factors_kernel")),
+          ("cache write (kernels/cache_write.py)", ("_write_rows_kernel",)),
           ("cuBLAS", ("gemm", "gemv2", "gemvx", "splitk")), ("SDPA", ("flash", "fmha", "attention"))]
 
 

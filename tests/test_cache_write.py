@@ -4,8 +4,7 @@ reference, bit for bit; its dispatch and errors; and the op's registration for t
 import pytest
 import torch
 
-from kernels.cache_write import HAS_TRITON, write_factors, write_rows
-from kernels.rope import apply_rope_ref
+from kernels.cache_write import HAS_TRITON, write_rows
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -72,54 +71,3 @@ def test_reference_and_errors():
 def test_op_registration():
     dsts, srcs, pos = case(2, 1, 6, [(3, 2), (4,)])
     torch.library.opcheck(torch.ops.tpa.write_rows.default, (dsts, srcs, pos), test_utils=OPCHECK_UTILS)
-
-
-def factor_case(dtype, H=5, R=(3, 2, 1), D=8, L=11, seed=0):
-    """T6's pieces of one token: aq, bq (query buffers), ak, bk, av, bv (cache tensors); bq and bk rotated."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = [(1, 1, H, R[0]), (1, 1, R[0], D), (1, L, H, R[1]), (1, L, R[1], D), (1, L, H, R[2]), (1, L, R[2], D)]
-    dsts = [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
-    f = torch.randn(sum(torch.Size(s[2:]).numel() for s in shapes), generator=g).to(dtype).to(DEVICE)
-    cos, sin = (torch.randn(2 * L, D // 2, generator=g).to(DEVICE) for _ in range(2))
-    return f, dsts, [False, True, False, True, False, False], [False, False, True, True, True, True], cos, sin
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_write_factors(dtype):
-    """Split, RoPE (the model's half-split rotation) and write at the position, kernel == reference; positions
-    outside the cache are not written."""
-    for p in (0, 7, 10, 11, 15):
-        f, dsts, rot, at, cos, sin = factor_case(dtype, seed=p)
-        pos = torch.tensor([p], device=DEVICE)
-        want = [d.clone() for d in dsts]
-        pieces = f.split([d[0, 0].numel() for d in dsts])
-        for w, piece, r, a in zip(want, pieces, rot, at):
-            piece = piece.view(1, 1, *w.shape[2:])
-            if r:
-                piece = apply_rope_ref(piece, cos[p].view(1, 1, 1, -1), sin[p].view(1, 1, 1, -1))
-            if not a or p < w.size(1):
-                w[0, p if a else 0] = piece[0, 0]
-        got_ref = [d.clone() for d in dsts]
-        write_factors(f, got_ref, rot, at, pos, cos, sin, impl="ref")
-        for w, r in zip(want, got_ref):
-            torch.testing.assert_close(r, w, rtol=0, atol=0)
-        if HAS_TRITON:
-            got = [d.clone() for d in dsts]
-            write_factors(f, got, rot, at, pos, cos, sin, impl="triton")
-            for w, k in zip(want, got):
-                torch.testing.assert_close(k, w, **({"rtol": 1e-2, "atol": 1e-3} if dtype != torch.float32 else {}))
-
-
-def test_write_factors_errors():
-    f, dsts, rot, at, cos, sin = factor_case(torch.float32)
-    pos = torch.tensor([3])
-    with pytest.raises(ValueError, match="one row holding"):
-        write_factors(f[:-1], dsts, rot, at, pos, cos, sin, impl="ref")
-    with pytest.raises(ValueError, match="twice the RoPE"):
-        write_factors(f, dsts, rot, at, pos, cos[:, :3], sin[:, :3], impl="ref")
-    with pytest.raises(ValueError, match="impl="):
-        write_factors(f, dsts, rot, at, pos, cos, sin, impl="cuda")
-    if HAS_TRITON:
-        with pytest.raises(ValueError, match="at most 6 pieces"):
-            write_factors(torch.cat([f, f[:4]]), dsts + [torch.zeros(1, 1, 4)], rot + [False], at + [False], pos, cos,
-                          sin, impl="triton")

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernels.gemv import HAS_TRITON, linear_one_row
+from kernels.gemv import HAS_TRITON, linear_factors, linear_one_row
+from kernels.rope import apply_rope_ref
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -81,3 +82,54 @@ def test_op_schema():
     torch.library.opcheck(torch.ops.tpa.linear_one_row.default, (x, w), test_utils=("test_schema",))
     torch.library.opcheck(torch.ops.tpa.linear_one_row.default, (x, w, True, True, torch.randn(1, 4).to(DEVICE)),
                           test_utils=("test_schema",))
+
+
+def factor_case(dtype, H=5, R=(3, 2, 1), D=8, L=11, K=40, seed=0):
+    """T6's pieces of one token: aq, bq (query buffers), ak, bk, av, bv (cache tensors); bq and bk rotated."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(1, 1, H, R[0]), (1, 1, R[0], D), (1, L, H, R[1]), (1, L, R[1], D), (1, L, H, R[2]), (1, L, R[2], D)]
+    dsts = [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
+    F = sum(torch.Size(s[2:]).numel() for s in shapes)
+    x = (torch.randn(1, 1, K, generator=g) * 0.05).to(dtype).to(DEVICE)  # small: the norm's eps shows
+    w = (torch.randn(F, K, generator=g) / K ** 0.5).to(dtype).to(DEVICE)
+    cos, sin = (torch.randn(2 * L, D // 2, generator=g).to(DEVICE) for _ in range(2))
+    return x, w, dsts, [False, True, False, True, False, False], [False, False, True, True, True, True], cos, sin
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_linear_factors(dtype):
+    """Projection (RMSNorm folded in), split, RoPE (the model's half-split rotation) and the write at the position:
+    kernel and reference against fp64; positions outside the cache are not written."""
+    for p in (0, 7, 10, 11, 15):
+        x, w, dsts, rot, at, cos, sin = factor_case(dtype, seed=p)
+        pos = torch.tensor([p], device=DEVICE)
+        f = torch.nn.functional.rms_norm(x.double(), (x.size(-1),), eps=torch.finfo(torch.float32).eps) @ w.double().T
+        want = [d.double().clone() for d in dsts]
+        for wd, piece, r, a in zip(want, f.reshape(-1).split([d[0, 0].numel() for d in dsts]), rot, at):
+            piece = piece.view(1, 1, *wd.shape[2:])
+            if r:
+                piece = apply_rope_ref(piece, cos[p].double().view(1, 1, 1, -1), sin[p].double().view(1, 1, 1, -1))
+            if not a or p < wd.size(1):
+                wd[0, p if a else 0] = piece[0, 0]
+        for impl in ("ref",) + (("triton",) if HAS_TRITON else ()):
+            got = [d.clone() for d in dsts]
+            linear_factors(x, w, got, rot, at, pos, cos, sin, norm=True, impl=impl)
+            for wd, g in zip(want, got):
+                torch.testing.assert_close(g.double(), wd, **({"rtol": 1e-2, "atol": 2e-3} if dtype != torch.float32
+                                                              else {"rtol": 1e-5, "atol": 1e-5}))
+
+
+def test_linear_factors_errors():
+    x, w, dsts, rot, at, cos, sin = factor_case(torch.float32)
+    pos = torch.tensor([3]).to(DEVICE)
+    with pytest.raises(ValueError, match="must be the"):
+        linear_factors(x, w[:-1], dsts, rot, at, pos, cos, sin, impl="ref")
+    with pytest.raises(ValueError, match="twice the RoPE"):
+        linear_factors(x, w, dsts, rot, at, pos, cos[:, :3], sin[:, :3], impl="ref")
+    with pytest.raises(ValueError, match="impl="):
+        linear_factors(x, w, dsts, rot, at, pos, cos, sin, impl="cuda")
+    if HAS_TRITON:
+        extra = torch.zeros(1, 1, 4, device=DEVICE)
+        with pytest.raises(ValueError, match="at most 6 pieces"):
+            linear_factors(x, torch.cat([w, w[:4]]), dsts + [extra], rot + [False], at + [False], pos, cos, sin,
+                           impl="triton")
