@@ -32,6 +32,7 @@ dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), b
 compile = False  # torch.compile the decode step (fuses its elementwise kernels; first step compiles)
 cuda_graph = True  # on CUDA: capture the decode step in a CUDA graph
 use_kernel = True  # TPA on CUDA: FlashTPA for decode attention (False: the PyTorch reference)
+fused = True  # T6 on CUDA: the fused batch-1 decode step (GPT.fused_decode_step; compile is then not needed)
 stream = True  # print tokens as they come
 # -----------------------------------------------------------------------------
 try:
@@ -67,7 +68,7 @@ if len(ids) + max_new_tokens > model.config.block_size:
              f"model's block_size={model.config.block_size}; shorten one of them")
 x = torch.tensor([ids], dtype=torch.long, device=device)
 options = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, use_kernel=use_kernel, compile=compile,
-               cuda_graph=cuda_graph and device.startswith("cuda"), stop_tokens=None)
+               cuda_graph=cuda_graph and device.startswith("cuda"), fused=None if fused else False, stop_tokens=None)
 
 for k in range(num_samples):
     t0, n = time.time(), 0
