@@ -637,6 +637,7 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
         self.rope_dims = sorted({block.attn.rope_dim for block in self.transformer.h})
         self._build_rope()
+        self._fused_consts = {}  # fused_decode_step's constant tensors
 
     def _build_rope(self):
         device = self.lm_head.weight.device
@@ -797,21 +798,23 @@ class GPT(nn.Module):
         return self._compiled_decode
 
     def fused_decode_ok(self, cache):
-        """Whether fused_decode_step serves this model and cache: T6 (attn='tpa' without gate, KV shift, constant
-        or shared factors, third order) at batch 1."""
+        """Whether fused_decode_step serves this model and cache: T6 or TPA-KVonly (without gate, KV shift,
+        constant or shared factors, third order) at batch 1."""
         c, attn = self.config, self.transformer.h[0].attn
-        return (cache.B == 1 and c.attn == "tpa" and not (c.attn_gate or c.kv_shift or c.tpa_const_a or c.tpa_const_b
+        return (cache.B == 1 and c.attn in ("tpa", "tpa_kvonly") and not (c.attn_gate or c.kv_shift or c.tpa_const_a
+                or c.tpa_const_b
                 or c.tpa_shared_b) and c.tpa_order == 2 and attn.rope_dim == attn.head_dim and bool(cache.use_kernel))
 
     def fused_decode_step(self, tok, cache):
-        """decode_step for batch-1 T6 as a chain of fused kernels, 6 per layer (the compiled step runs ~12):
+        """decode_step for batch-1 T6 (and TPA-KVonly) as a chain of fused kernels, 6 per layer (the compiled step runs ~12):
         RMSNorm + factor projection + RoPE + cache write (kernels/gemv.py's linear_factors), FlashTPA and its
         combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
         residual. On a GPU of compute capability >= 9 every kernel uses programmatic dependent launch: it starts
         while the previous one finishes and loads its weights (or first cache block) before waiting for it.
         Off CUDA the same arithmetic runs through the kernels' PyTorch references. tok (1, 1) -> (1, V)."""
         if not self.fused_decode_ok(cache) or tok.shape != (1, 1):
-            raise ValueError("fused_decode_step serves batch-1 T6 models (see fused_decode_ok), one token per step")
+            raise ValueError("fused_decode_step serves batch-1 T6 / TPA-KVonly models (see fused_decode_ok), one token "
+                             "per step")
         kern = cache.use_kernel == "triton" or (HAS_TRITON and tok.is_cuda)
         impl = "triton" if kern else "ref"
         pos = cache.seqlens  # (1,) the new token's position
@@ -821,9 +824,17 @@ class GPT(nn.Module):
         cos, sin = getattr(self, f"rope_cos_{D}"), getattr(self, f"rope_sin_{D}")
         for block, layer in zip(self.transformer.h, cache.layers):
             attn, mlp = block.attn, block.mlp
-            q = {"aq": x.new_empty(1, 1, attn.n_head, attn.ranks["q"]), "bq": x.new_empty(1, 1, attn.ranks["q"], D)}
+            H = attn.n_head
+            if attn.factor_q:
+                q = {"aq": x.new_empty(1, 1, H, attn.ranks["q"]), "bq": x.new_empty(1, 1, attn.ranks["q"], D)}
+            else:  # TPA-KVonly: a standard query is rank-H TPA with A = H * I (built once, outside any graph)
+                q = {"q": x.new_empty(1, 1, H, D)}
+                key = ("eye", H, x.device, x.dtype)
+                if key not in self._fused_consts:
+                    self._fused_consts[key] = (H * torch.eye(H, device=x.device, dtype=x.dtype)).view(1, 1, H, H)
+                q["aq"], q["bq"] = self._fused_consts[key], q["q"]
             linear_factors(x, attn.c_fact.weight, [layer.get(n, q.get(n)) for n in attn.names],  # the factors, rotated,
-                           [n in ("bq", "bk") for n in attn.names], [n in layer for n in attn.names],  # into the
+                           [n in ("q", "bq", "bk") for n in attn.names], [n in layer for n in attn.names],  # into the
                            pos, cos, sin, norm=True, impl=impl, pdl=True)  # cache and the query buffers
             y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
                                 impl=impl, pdl=True)  # (1, 1, H, D)

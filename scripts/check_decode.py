@@ -6,7 +6,7 @@ GPU checks of batch-1 decoding's fused path (GPT.fused_decode_step and the kerne
 1. FlashTPA with programmatic dependent launch (pdl=True: the first cache block is loaded before the wait, except
    rows of the new tokens) gives bit-identical outputs to the plain launch, bf16, several shapes and lengths.
 2. The matrix-vector kernel with RMSNorm / SwiGLU / residual fused in, with and without PDL, against fp32 math.
-3. A Small T6 (random weights), fp32 and bf16: the fused step's logits against the eager decode step, eager and
+3. A Small T6 and a Small TPA-KVonly (random weights), fp32 and bf16: the fused step's logits against the eager decode step, eager and
    in a CUDA graph, beside the compiled CUDA-graph step; greedy tokens through generate(fused=True, cuda_graph=True)
    equal the eager path's. Prints one line per check and exits non-zero if any fails.
 """
@@ -51,9 +51,10 @@ def main():
             report(max(errs) < 1e-2, f"GEMV ({N}, {K}) norm={norm} glu={glu} residual={res}: relative error "
                                      f"{errs[0]:.1e}, with pdl {errs[1]:.1e} (bf16 output rounding ~4e-3)")
 
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 5e-2)):
+    for attn, dtype, tol in (("tpa", torch.float32, 1e-5), ("tpa", torch.bfloat16, 5e-2),
+                             ("tpa_kvonly", torch.float32, 1e-5), ("tpa_kvonly", torch.bfloat16, 5e-2)):
         with torch.device(dev):
-            model = GPT(model_config("small", "tpa", block_size=1024))
+            model = GPT(model_config("small", attn, block_size=1024))
         with torch.no_grad():
             for block in model.transformer.h:  # zero-initialised output projections would hide every layer
                 block.attn.c_proj.weight.normal_(0, 0.02)
@@ -76,10 +77,10 @@ def main():
             compiled_err = ((outs["compiled graph"] - base).norm() / base.norm()).item()
             for name, o in outs.items():
                 err = ((o - base).norm() / base.norm()).item()
-                report(err <= max(tol, 1.5 * compiled_err), f"{dtype} {name} logits vs the eager step: relative error "
-                                                            f"{err:.2e} (compiled graph {compiled_err:.2e})")
+                report(err <= max(tol, 1.5 * compiled_err), f"{attn} {dtype} {name} logits vs the eager step: relative "
+                                                            f"error {err:.2e} (compiled graph {compiled_err:.2e})")
             fused_tokens = model.generate(idx, 12, top_k=1, fused=True, cuda_graph=True)[:, 300:]
-            report(torch.equal(fused_tokens, tokens), f"{dtype} greedy tokens, fused CUDA graph == eager")
+            report(torch.equal(fused_tokens, tokens), f"{attn} {dtype} greedy tokens, fused CUDA graph == eager")
     print(f"{len(failed)} failed" if failed else "all checks passed")
     sys.exit(1 if failed else 0)
 

@@ -93,13 +93,14 @@ def test_flashtpa_in_the_decode_path(attn, opts):
                        model.generate(idx, 5, top_k=1, use_kernel=False, prompt_lens=[5, 2])[1])
 
 
+@pytest.mark.parametrize("attn", ["tpa", "tpa_kvonly"])
 @pytest.mark.parametrize("use_kernel", [True, "triton"], ids=["references", "kernels"])
-def test_fused_decode_step(use_kernel):
+def test_fused_decode_step(use_kernel, attn):
     """Batch-1 T6: the fused decode step (RMSNorm, SwiGLU and residual adds inside the matrix-vector kernels, RoPE
     inside the cache write) gives decode_step's logits and cache contents, step by step."""
     if use_kernel == "triton" and not HAS_TRITON:
         pytest.skip("triton is not installed")
-    model = randomize(tiny("tpa"), std=0.1)
+    model = randomize(tiny(attn), std=0.1)
     seq = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(3))
     runs = []
     for fused in (False, True):
@@ -126,7 +127,7 @@ def test_fused_decode_step(use_kernel):
                        model.generate(idx, 6, top_k=1, fused=False, use_kernel=use_kernel))
     assert not model.fused_decode_ok(KVCache(model, 2, 8))
     assert not tiny("tpa", kv_shift=True).fused_decode_ok(KVCache(tiny("tpa", kv_shift=True), 1, 8))
-    with pytest.raises(ValueError, match="batch-1 T6"):
+    with pytest.raises(ValueError, match="batch-1 T6 / TPA-KVonly"):
         model.fused_decode_step(seq[:, :1].expand(2, 1), KVCache(model, 2, 8))
     if use_kernel == "triton":  # fp16 (the interpreter mis-handles bf16): the same arithmetic up to rounding (the
         # norm's eps is fp32's, as in F.rms_norm: fp16's would change these logits by ~8%)
