@@ -1,7 +1,8 @@
 """
 GPU checks of batch-1 decoding's fused path (GPT.fused_decode_step and the kernels it chains), on a CUDA GPU:
 
-    python -m scripts.check_decode
+    python -m scripts.check_decode                                   # everything
+    python -m scripts.check_decode --models=tpa_kvonly:bfloat16      # only part 3, for these models
 
 1. FlashTPA with programmatic dependent launch (pdl=True: the first cache block is loaded before the wait, except
    rows of the new tokens) gives bit-identical outputs to the plain launch, bf16, several shapes and lengths.
@@ -11,6 +12,7 @@ GPU checks of batch-1 decoding's fused path (GPT.fused_decode_step and the kerne
    equal the eager path's. Prints one line per check and exits non-zero if any fails.
 """
 
+import argparse
 import sys
 
 import torch
@@ -21,6 +23,16 @@ from model import GPT, KVCache, model_config
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=None, help="attn:dtype,... (default: tpa and tpa_kvonly in fp32 and bf16, "
+                                                        "with the kernel checks)")
+    args = parser.parse_args()
+    models = [("tpa", "float32"), ("tpa", "bfloat16"), ("tpa_kvonly", "float32"), ("tpa_kvonly", "bfloat16")]
+    flash_cases = [(1, 1, 4096, 32, (16, 1, 1), 4000), (1, 1, 32768, 47, (6, 2, 2), 30000), (1, 4, 700, 34, (6, 2, 2), 650),
+                   (2, 1, 300, 47, (16, 1, 1), 129), (1, 1, 64 * 264 * 2, 32, (16, 1, 1), 64)]
+    gemv_cases = [(1110, 1024), (5460, 1024), (1024, 2730), (50304, 1024), (512, 5461)]
+    if args.models:
+        models, flash_cases, gemv_cases = [tuple(m.split(":")) for m in args.models.split(",")], [], []
     torch.manual_seed(0)
     dev, failed = "cuda", []
 
@@ -29,9 +41,7 @@ def main():
         if not ok:
             failed.append(line)
 
-    for B, N, M, H, R, L in [(1, 1, 4096, 32, (16, 1, 1), 4000), (1, 1, 32768, 47, (6, 2, 2), 30000),
-                             (1, 4, 700, 34, (6, 2, 2), 650), (2, 1, 300, 47, (16, 1, 1), 129),
-                             (1, 1, 64 * 264 * 2, 32, (16, 1, 1), 64)]:
+    for B, N, M, H, R, L in flash_cases:
         t = [torch.randn(*s, device=dev, dtype=torch.bfloat16) for s in
              ((B, N, H, R[0]), (B, N, R[0], 64), (B, M, H, R[1]), (B, M, R[1], 64), (B, M, H, R[2]), (B, M, R[2], 64))]
         lens = torch.full((B,), L, device=dev)
@@ -39,7 +49,7 @@ def main():
         b = flashtpa_decode_triton(*t, seqlens=lens, pdl=False)
         report(torch.equal(a, b), f"FlashTPA pdl == plain: B={B} N={N} M={M} H={H} ranks={R} seqlen={L}")
 
-    for N, K in [(1110, 1024), (5460, 1024), (1024, 2730), (50304, 1024), (512, 5461)]:
+    for N, K in gemv_cases:
         x = torch.randn(K, device=dev, dtype=torch.bfloat16) * 3
         w = torch.randn(N, K, device=dev, dtype=torch.bfloat16) / K ** 0.5
         for norm, glu, res in [(False, False, False), (True, False, False), (True, True, False), (False, False, True)]:
@@ -51,8 +61,9 @@ def main():
             report(max(errs) < 1e-2, f"GEMV ({N}, {K}) norm={norm} glu={glu} residual={res}: relative error "
                                      f"{errs[0]:.1e}, with pdl {errs[1]:.1e} (bf16 output rounding ~4e-3)")
 
-    for attn, dtype, tol in (("tpa", torch.float32, 1e-5), ("tpa", torch.bfloat16, 5e-2),
-                             ("tpa_kvonly", torch.float32, 1e-5), ("tpa_kvonly", torch.bfloat16, 5e-2)):
+    for attn, dtype_name in models:
+        dtype = getattr(torch, dtype_name)
+        tol = 1e-5 if dtype == torch.float32 else 5e-2
         with torch.device(dev):
             model = GPT(model_config("small", attn, block_size=1024))
         with torch.no_grad():
