@@ -15,12 +15,13 @@ with what sits around a decode step's weight matmuls fused in.
         # tables (max_len, half): the cache write and the query factors, no y in memory
 
 linear_one_row_ref / linear_factors_ref are the PyTorch references with the same signatures (F.rms_norm, F.linear,
-F.silu, the model's RoPE, index writes). Why a kernel: at
-batch 1 every weight matmul of a decode step is a matrix-vector product, cuBLAS runs them at about a third of the
-copy bandwidth on an H100, and the norms, SwiGLU and residual adds between them are ~1.5 us kernels each. Here
-each program owns BLOCK_N rows of W (and the matching rows of W_up), loads them whole (or in BLOCK_K chunks for
-long rows) with fp32 accumulation; a weightless RMSNorm of x is a scalar, rsqrt(mean(x^2) + eps), applied to the
-finished dot products (every program reads all of x anyway).
+F.silu, the model's RoPE, index writes). Why a kernel: at batch 1 every weight matmul of a decode step is a
+matrix-vector product, cuBLAS runs them at about a third of the copy bandwidth on an H100, and the norms, SwiGLU,
+RoPE, cache writes and residual adds between them are ~1.5 us kernels each. Here each program owns BLOCK_N rows of
+W (and the matching rows of W_up), loads them whole (or in BLOCK_K chunks for long rows) with fp32 accumulation; a
+weightless RMSNorm of x is a scalar, rsqrt(mean(x^2) + eps), applied to the finished dot products (every program
+reads all of x anyway). In linear_factors a program owns rows of one piece, and of a rotated piece both rows of
+each RoPE pair (slots 2t, 2t+1 of a vector hold its rows t, t + half), so the rotation happens in registers.
 
 pdl=True (CUDA, compute capability >= 9): the kernel is launched with programmatic dependent launch; it lets the
 next kernel launch at once (griddepcontrol.launch_dependents) and loads its first weight chunk before waiting for
