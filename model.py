@@ -186,15 +186,28 @@ def rope_tables(dim, max_len, base, device=None):
 
 class Linear(nn.Linear):
     """nn.Linear without bias. A single row on CUDA without autograd or autocast (batch-1 decoding) takes the
-    Triton matrix-vector kernel (kernels/gemv.py): cuBLAS runs those at about a third of the bandwidth."""
+    Triton matrix-vector kernel (kernels/gemv.py): cuBLAS runs those at about a third of the bandwidth.
 
-    def __init__(self, in_features, out_features):
+    Several rows are multiplied with the feature counts padded by zeros to a multiple of `align`, and the output
+    sliced back (its rows are then strided): cuBLAS's Hopper GEMMs (TMA / wgmma) need 16-byte aligned rows, and an
+    odd width (T6 Small's fused factor projection: 980 outputs; Medium's SwiGLU hidden size: 2730) falls back to
+    sm80 kernels at ~1/3 of their speed (Small T6 training: 47.0 -> 45.3 ms per step on an H100). The weight keeps
+    its shape; the zeros are made per call (under autocast in the same kernel as the weight's cast to bf16), for
+    inputs of 512 rows or more."""
+
+    def __init__(self, in_features, out_features, align=8):
         super().__init__(in_features, out_features, bias=False)
+        self.pad_in, self.pad_out = -in_features % align, -out_features % align
 
     def forward(self, x):
         if (x.is_cuda and x.numel() == x.size(-1) and x.dtype == self.weight.dtype and not torch.is_grad_enabled()
                 and not torch.is_autocast_enabled("cuda")):
             return linear_one_row(x, self.weight)
+        if (self.pad_in or self.pad_out) and x.numel() >= 512 * x.size(-1):  # a few rows (decoding): the GEMM
+            # reads the weight once and is memory-bound, and a padded copy of the weight would triple that
+            w = F.pad(self.weight, (0, self.pad_in, 0, self.pad_out))
+            y = F.linear(F.pad(x, (0, self.pad_in)) if self.pad_in else x, w)
+            return y[..., :self.out_features] if self.pad_out else y
         return F.linear(x, self.weight)
 
 

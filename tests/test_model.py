@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import ATTENTION, GPT, GPTConfig, TPA, GQA, apply_rope, model_config
+from model import ATTENTION, GPT, GPTConfig, TPA, GQA, Linear, apply_rope, model_config
 
 V = 256  # a small vocabulary keeps the tiny models fast
 
@@ -64,6 +64,29 @@ def test_causal(attn, opts):
         logits2, _ = model(idx2, all_logits=True)
         torch.testing.assert_close(logits2[:, :t], logits[:, :t], rtol=0, atol=1e-5)
         assert (logits2[:, t] - logits[:, t]).abs().max() > 1e-4  # the changed token does matter
+
+
+@pytest.mark.parametrize("n_in,n_out", [(20, 13), (21, 16), (16, 980), (2730, 24)])
+def test_linear_alignment_padding(n_in, n_out):
+    """Many rows go through a GEMM with both feature counts padded to a multiple of 8 (cuBLAS's fast kernels need
+    aligned rows): the same outputs and gradients as F.linear, the weight's shape unchanged, the output sliced."""
+    lin = Linear(n_in, n_out)
+    assert lin.weight.shape == (n_out, n_in) and (lin.pad_in, lin.pad_out) == (-n_in % 8, -n_out % 8)
+    for rows in (3, 600):  # a few rows (decoding) take the plain product
+        x = torch.randn(2, rows // 2 if rows > 3 else rows, n_in, requires_grad=True)
+        y = lin(x)
+        ref_x = x.detach().clone().requires_grad_()
+        ref = torch.nn.functional.linear(ref_x, lin.weight.detach().clone().requires_grad_())
+        assert y.shape == ref.shape
+        if rows > 3 and lin.pad_out:  # the padded product's rows, sliced
+            assert y.stride(-2) == n_out + lin.pad_out
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(y)
+        y.backward(g)
+        ref.backward(g)
+        torch.testing.assert_close(x.grad, ref_x.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lin.weight.grad, g.flatten(0, 1).T @ x.detach().flatten(0, 1), rtol=1e-4, atol=1e-4)
+        lin.weight.grad = None
 
 
 def test_logits_shapes_and_block_size():
