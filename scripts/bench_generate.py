@@ -75,7 +75,7 @@ def time_decode(model, B, ctx, mode, steps=20, warmup=3):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="benchmarks/generate.jsonl")
+    parser.add_argument("--out", default="benchmarks/generate.jsonl", help="append the rows as JSON lines to this file")
     parser.add_argument("--attns", default=",".join(ATTNS))
     parser.add_argument("--Bs", default="1,16")
     parser.add_argument("--contexts", default="1024,8192,32768")
@@ -128,7 +128,7 @@ def main():
         del model
         torch.cuda.empty_cache()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out, "a") as f:  # the file keeps every earlier run's rows
         f.writelines(json.dumps(r) + "\n" for r in rows)
     print(f"\nMedium models, bf16, {name}, copy bandwidth {bw / 1e9:.0f} GB/s")
     modes = args.modes.split(",")
