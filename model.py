@@ -814,14 +814,14 @@ class GPT(nn.Module):
         """Whether fused_decode_step serves this model and cache: T6 or TPA-KVonly (without gate, KV shift,
         constant or shared factors, third order) at batch 1."""
         c, attn = self.config, self.transformer.h[0].attn
-        return (cache.B == 1 and c.attn in ("tpa", "tpa_kvonly") and not (c.attn_gate or c.kv_shift or c.tpa_const_a
-                or c.tpa_const_b
-                or c.tpa_shared_b) and c.tpa_order == 2 and attn.rope_dim == attn.head_dim and bool(cache.use_kernel))
+        plain = not (c.attn_gate or c.kv_shift or c.tpa_const_a or c.tpa_const_b or c.tpa_shared_b) and c.tpa_order == 2
+        return (cache.B == 1 and c.attn in ("tpa", "tpa_kvonly") and plain and attn.rope_dim == attn.head_dim
+                and bool(cache.use_kernel))
 
     def fused_decode_step(self, tok, cache):
-        """decode_step for batch-1 T6 (and TPA-KVonly) as a chain of fused kernels, 6 per layer (the compiled step runs ~12):
-        RMSNorm + factor projection + RoPE + cache write (kernels/gemv.py's linear_factors), FlashTPA and its
-        combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
+        """decode_step for batch-1 T6 (and TPA-KVonly) as a chain of fused kernels, 6 per layer (the compiled step
+        runs ~12): RMSNorm + factor projection + RoPE + cache write (kernels/gemv.py's linear_factors), FlashTPA and
+        its combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
         residual. On a GPU of compute capability >= 9 every kernel uses programmatic dependent launch: it starts
         while the previous one finishes and loads its weights (or first cache block) before waiting for it.
         Off CUDA the same arithmetic runs through the kernels' PyTorch references. tok (1, 1) -> (1, V)."""
@@ -846,9 +846,11 @@ class GPT(nn.Module):
                 if key not in self._fused_consts:
                     self._fused_consts[key] = (H * torch.eye(H, device=x.device, dtype=x.dtype)).view(1, 1, H, H)
                 q["aq"], q["bq"] = self._fused_consts[key], q["q"]
-            linear_factors(x, attn.c_fact.weight, [layer.get(n, q.get(n)) for n in attn.names],  # the factors, rotated,
-                           [n in ("q", "bq", "bk") for n in attn.names], [n in layer for n in attn.names],  # into the
-                           pos, cos, sin, norm=True, impl=impl, pdl=True)  # cache and the query buffers
+            # every factor in one kernel: K's and V's into the cache at pos, the query's into q; B_Q, B_K rotated
+            names = attn.names
+            linear_factors(x, attn.c_fact.weight, [layer.get(n, q.get(n)) for n in names],
+                           [n in ("q", "bq", "bk") for n in names], [n in layer for n in names], pos, cos, sin,
+                           norm=True, impl=impl, pdl=True)
             y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
                                 impl=impl, pdl=True)  # (1, 1, H, D)
             x = linear_one_row(y.view(-1), attn.c_proj.weight, residual=x, impl=impl, pdl=True)

@@ -139,8 +139,8 @@ if HAS_TRITON:
             gdc_launch_dependents()
         n = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # output rows (gate rows with GLU)
         n_ok = n < N
-        y, u = _rows_times_x(x_ptr, w_ptr + n[:, None] * s_wn, n_ok, K, s_wk, N * s_wn, eps, BLOCK_N, BLOCK_K, NORM, GLU,
-                             PDL)
+        w_rows = w_ptr + n[:, None] * s_wn
+        y, u = _rows_times_x(x_ptr, w_rows, n_ok, K, s_wk, N * s_wn, eps, BLOCK_N, BLOCK_K, NORM, GLU, PDL)
         if GLU:
             y = y * tl.sigmoid(y) * u
         if RESIDUAL:  # read after the wait (in _rows_times_x)
@@ -149,7 +149,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _pick(i, a0, a1, a2, a3, a4, a5):
-        return tl.where(i == 0, a0, tl.where(i == 1, a1, tl.where(i == 2, a2, tl.where(i == 3, a3, tl.where(i == 4, a4, a5)))))
+        a = tl.where(i == 4, a4, a5)
+        a = tl.where(i == 3, a3, a)
+        a = tl.where(i == 2, a2, a)
+        a = tl.where(i == 1, a1, a)
+        return tl.where(i == 0, a0, a)
 
     @triton.jit
     def _gemv_factors_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, s_cos, L, K, s_wn, s_wk, eps,

@@ -7,9 +7,10 @@ GPU checks of batch-1 decoding's fused path (GPT.fused_decode_step and the kerne
 1. FlashTPA with programmatic dependent launch (pdl=True: the first cache block is loaded before the wait, except
    rows of the new tokens) gives bit-identical outputs to the plain launch, bf16, several shapes and lengths.
 2. The matrix-vector kernel with RMSNorm / SwiGLU / residual fused in, with and without PDL, against fp32 math.
-3. A Small T6 and a Small TPA-KVonly (random weights), fp32 and bf16: the fused step's logits against the eager decode step, eager and
-   in a CUDA graph, beside the compiled CUDA-graph step; greedy tokens through generate(fused=True, cuda_graph=True)
-   equal the eager path's. Prints one line per check and exits non-zero if any fails.
+3. A Small T6 and a Small TPA-KVonly (random weights), fp32 and bf16: the fused step's logits against the eager
+   decode step, eager and in a CUDA graph, beside the compiled CUDA-graph step; greedy tokens through
+   generate(fused=True, cuda_graph=True) equal the eager path's. Prints one line per check and exits non-zero if
+   any fails.
 """
 
 import argparse
@@ -28,8 +29,9 @@ def main():
                                                         "with the kernel checks)")
     args = parser.parse_args()
     models = [("tpa", "float32"), ("tpa", "bfloat16"), ("tpa_kvonly", "float32"), ("tpa_kvonly", "bfloat16")]
-    flash_cases = [(1, 1, 4096, 32, (16, 1, 1), 4000), (1, 1, 32768, 47, (6, 2, 2), 30000), (1, 4, 700, 34, (6, 2, 2), 650),
-                   (2, 1, 300, 47, (16, 1, 1), 129), (1, 1, 64 * 264 * 2, 32, (16, 1, 1), 64)]
+    flash_cases = [(1, 1, 4096, 32, (16, 1, 1), 4000), (1, 1, 32768, 47, (6, 2, 2), 30000),
+                   (1, 4, 700, 34, (6, 2, 2), 650), (2, 1, 300, 47, (16, 1, 1), 129),
+                   (1, 1, 64 * 264 * 2, 32, (16, 1, 1), 64)]
     gemv_cases = [(1110, 1024), (5460, 1024), (1024, 2730), (50304, 1024), (512, 5461)]
     if args.models:
         models, flash_cases, gemv_cases = [tuple(m.split(":")) for m in args.models.split(",")], [], []
@@ -75,13 +77,15 @@ def main():
         with torch.no_grad():
             tokens = model.generate(idx, 12, top_k=1, fused=False)[:, 300:]
             outs = {}
-            for name, fused, graph, comp in [("generic eager", False, False, False), ("fused eager", True, False, False),
-                                             ("fused graph", True, True, False), ("compiled graph", False, True, True)]:
+            modes = [("generic eager", False, False, False), ("fused eager", True, False, False),
+                     ("fused graph", True, True, False), ("compiled graph", False, True, True)]
+            for name, fused, graph, comp in modes:
                 cache = KVCache(model, 1, 340)
                 cache.fresh, cache.kv_len = True, 300
                 model(idx, all_logits=True, cache=cache)
                 cache.fresh, cache.kv_len = False, 340
-                decode = model.fused_decode_step if fused else (model.compiled_decode_step() if comp else model.decode_step)
+                decode = model.compiled_decode_step() if comp else model.decode_step
+                decode = model.fused_decode_step if fused else decode
                 step = model._graph_decode_step(cache, 1, decode) if graph else (lambda t: decode(t[:, None], cache))
                 outs[name] = torch.stack([step(tokens[:, i]).float().clone() for i in range(12)])
             base = outs.pop("generic eager")
