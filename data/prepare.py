@@ -160,7 +160,7 @@ _FIELD = None
 def _init_worker(tokenizer, text_field):
     global _ENC, _FIELD
     import tiktoken
-    if _ENC is None or _ENC.name != tokenizer:  # forked workers inherit the parent's (see prepare)
+    if _ENC is None or _ENC.name != tokenizer:  # once per worker process
         _ENC = tiktoken.get_encoding(tokenizer)
     _FIELD = text_field
 
@@ -335,10 +335,9 @@ def prepare(files, out_dir, prefix, source, tokenizer="gpt2", workers=None, shar
     from tqdm import tqdm
     bar = tqdm(total=max_tokens or total_hint, initial=writer.written, unit="tok", unit_scale=True,
                disable=not progress, smoothing=0.05, desc=f"{prefix} -> {out_dir}")
-    fork = "fork" in mp.get_all_start_methods()
-    ctx = mp.get_context("fork" if fork else "spawn")
-    if fork:  # load the tokenizer once, here: forked workers start with it (pool start-up ~0.3 s faster)
-        _init_worker(tokenizer, text_field)
+    # workers never fork this process: it may hold threads (torch's, the tokenizer's) whose locks a forked child
+    # inherits held (a test run hung that way); forkserver forks a clean single-threaded server instead
+    ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     try:
         with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, text_field)) as pool:
             pending = deque()
