@@ -717,8 +717,8 @@ class GPT(nn.Module):
         """nanoGPT's generate: idx (B, T) -> (B, T + max_new_tokens). top_k=1 (or temperature=0) is greedy.
 
         Keyword options are those of generate_stream (prompt_lens for a ragged batch, stop_tokens,
-        use_cache, use_kernel, cuda_graph, compile, fused, generator). With prompt_lens or stop_tokens it returns a list
-        of 1-D tensors (prompt + generated tokens, up to and including a stop token) instead.
+        use_cache, use_kernel, cuda_graph, compile, fused, generator). With prompt_lens or stop_tokens it returns
+        a list of 1-D tensors (prompt + generated tokens, up to and including a stop token) instead.
         """
         steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, **kwargs))
         new = torch.stack(steps, dim=1) if steps else idx.new_zeros(idx.size(0), 0)
@@ -813,10 +813,9 @@ class GPT(nn.Module):
     def fused_decode_ok(self, cache):
         """Whether fused_decode_step serves this model and cache: T6 or TPA-KVonly (without gate, KV shift,
         constant or shared factors, third order) at batch 1."""
-        c, attn = self.config, self.transformer.h[0].attn
+        c = self.config
         plain = not (c.attn_gate or c.kv_shift or c.tpa_const_a or c.tpa_const_b or c.tpa_shared_b) and c.tpa_order == 2
-        return (cache.B == 1 and c.attn in ("tpa", "tpa_kvonly") and plain and attn.rope_dim == attn.head_dim
-                and bool(cache.use_kernel))
+        return cache.B == 1 and c.attn in ("tpa", "tpa_kvonly") and plain and bool(cache.use_kernel)
 
     def fused_decode_step(self, tok, cache):
         """decode_step for batch-1 T6 (and TPA-KVonly) as a chain of fused kernels, 6 per layer (the compiled step

@@ -49,6 +49,8 @@ try:
 except ImportError:  # the references still work
     HAS_TRITON = False
 
+from kernels.gemv import pdl_supported
+
 
 # -----------------------------------------------------------------------------
 # PyTorch references
@@ -335,7 +337,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     n_rows = N * H
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
-    pdl = bool(pdl) and dev.type == "cuda" and torch.cuda.get_device_capability(dev)[0] >= 9
+    pdl = bool(pdl) and pdl_supported(dev)
     bm, pf, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, pdl)
     BLOCK_M = block_m or bm
     prefetch = pf if prefetch is None else prefetch
@@ -392,7 +394,6 @@ def flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, im
         if not HAS_TRITON:
             raise RuntimeError("flashtpa_decode(impl='triton') needs the triton package")
         if pdl and bk.is_cuda:
-            _check(aq, bq, ak, bk, av, bv, seqlens)
             return flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens, softmax_scale, pdl=True)
         return _flashtpa_op(aq, bq, ak, bk, av, bv, seqlens, softmax_scale)
     if impl == "ref":

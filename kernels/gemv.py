@@ -229,7 +229,7 @@ def linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=False, impl=N
     if not fits:
         raise ValueError(f"linear_factors(impl='triton'): at most 6 pieces (got {len(dsts)}) and a RoPE half width "
                          f"that is a power of two (got {half})")
-    pdl = bool(pdl) and _pdl_ok(x.device)
+    pdl = bool(pdl) and pdl_supported(x.device)
     BLOCK_N, warps = TILES[pdl]
     args, off, prog = [], 0, 0
     for d, n in zip(dsts, sizes):
@@ -245,7 +245,8 @@ def linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=False, impl=N
         num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
 
-def _pdl_ok(device):
+def pdl_supported(device):
+    """Programmatic dependent launch (griddepcontrol) needs a CUDA GPU of compute capability >= 9."""
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
 
 
@@ -265,7 +266,7 @@ def linear_one_row(x, w, norm=False, glu=False, residual=None, impl=None, pdl=Fa
     if impl is None:
         impl = "triton" if HAS_TRITON and x.is_cuda and x.dtype == w.dtype else "ref"
     if impl == "triton":
-        if pdl and _pdl_ok(x.device):
+        if pdl and pdl_supported(x.device):
             x1, r1, y = _flat(x, w, glu, residual)
             _launch(_gemv_kernel, x1, w, r1, y, norm, glu, True)
             return y.view(*x.shape[:-1], N)
