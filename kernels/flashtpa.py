@@ -24,13 +24,15 @@ padded to a power of two and masked), computes q . b_K for every position and ke
 tensor-core product, weights it by a_K and sums over the ranks, folds the block into an online
 softmax with the block's own running maximum (no per-block normalisation, so a block that underflows
 contributes 0 instead of 0/0), and accumulates (p * a_V) @ b_V, again one product for all value
-ranks. For rank-1 K/V the next block's loads are issued before the current block's math (hand
-software pipelining: at batch 1 a program sees only ~16 blocks, too few for the loads to hide
-otherwise); higher ranks use Triton's pipeliner. Partial outputs and log-sum-exps are kept in fp32
-and combined by a second kernel with the max-LSE rule, all splits in one load where they fit. The
-cache length is a runtime value, never a compile-time constant or autotune key: the grid grows with
-M, programs past a sequence's length exit at once, and nothing syncs with the host, so a decode step
-can be captured in a CUDA graph.
+ranks. The A tiles (a_K, a_V) reach the products' register layout through a product with the identity
+(I @ A, exact), which also makes Triton's pipeliner move them with cp.async through shared memory like
+the B tiles (it pipelines only loads that feed a product): rank-1 K/V stream three blocks of 128
+positions deep. Rank-2 K/V issue the next block's loads before the current block's math instead (hand
+software pipelining into registers); higher ranks use the pipeliner without the identity products.
+Partial outputs and log-sum-exps are kept in fp32 and combined by a second kernel with the max-LSE
+rule, all splits in one load where they fit. The cache length is a runtime value, never a
+compile-time constant or autotune key: the grid grows with M, programs past a sequence's length exit
+at once, and nothing syncs with the host, so a decode step can be captured in a CUDA graph.
 
 flashtpa_decode_ref (materialised q/k/v) and flashtpa_decode_einsum (factor space, spec 5.1) are the
 PyTorch references with the same signature; flashtpa_decode falls back to the first off CUDA.
@@ -134,11 +136,12 @@ if HAS_TRITON:
         s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
         s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e,
         s_o_b, s_o_split, s_o_row, s_o_e, s_l_b, s_l_split,
-        N, H, M, blocks_per_split, qk_scale,
+        N, M, blocks_per_split, qk_scale, H: tl.constexpr,
         RQ: tl.constexpr, RK: tl.constexpr, RV: tl.constexpr, RK_P: tl.constexpr, RV_P: tl.constexpr,
         D: tl.constexpr, E: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+        A_DOT: tl.constexpr = False,
     ):
         if PDL:  # programmatic dependent launch: the combine (and what follows it) may launch now
             gdc_launch_dependents()
@@ -190,6 +193,8 @@ if HAS_TRITON:
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             q += a.to(tl.float32)[:, None] * bq.to(tl.float32)
         q = (q * qk_scale).to(dt)
+        if A_DOT:  # identity (ROWS, ROWS): I @ A moves an A tile into the products' layout and feeds the pipeliner
+            eye = (tl.arange(0, BLOCK_ROWS)[:, None] == tl.arange(0, BLOCK_ROWS)[None, :]).to(dt)
 
         m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
@@ -211,7 +216,13 @@ if HAS_TRITON:
                 qk = tl.dot(q, tl.trans(bk), input_precision="ieee")
             else:
                 qk = tl.dot(q, tl.trans(bk))
-            qk = qk * ak.to(tl.float32)  # (ROWS, BLOCK_M * RK_P)
+            if A_DOT:
+                if IEEE:
+                    qk = qk * tl.dot(eye, ak, input_precision="ieee")
+                else:
+                    qk = qk * tl.dot(eye, ak)
+            else:
+                qk = qk * ak.to(tl.float32)  # (ROWS, BLOCK_M * RK_P)
             if RK_P == 1:
                 s_log2 = qk
             else:
@@ -231,7 +242,13 @@ if HAS_TRITON:
                 pe = p
             else:  # (ROWS, BLOCK_M) -> (ROWS, BLOCK_M * RV_P), each position repeated once per rank
                 pe = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_ROWS, BLOCK_M, RV_P)), (BLOCK_ROWS, BLOCK_M * RV_P))
-            pv = (pe * av.to(tl.float32)).to(dt)
+            if A_DOT:
+                if IEEE:
+                    pv = (pe * tl.dot(eye, av, input_precision="ieee")).to(dt)
+                else:
+                    pv = (pe * tl.dot(eye, av)).to(dt)
+            else:
+                pv = (pe * av.to(tl.float32)).to(dt)
             if IEEE:
                 acc += tl.dot(pv, bv, input_precision="ieee")
             else:
@@ -301,30 +318,33 @@ def _num_sms(device):
     return _SM_COUNT[device.index]
 
 
-def _tiles(block_rows, Rk, Rv, D, E, dtype, pdl=False):
-    """(block_m, prefetch, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune).
+def _tiles(block_rows, Rk, Rv, D, E, dtype):
+    """(block_m, prefetch, a_dot, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune).
     A block's factor tiles have block_m * R_P rows: the rows are budgeted (64, or 32 for 4-byte or 128-wide
     features) so that high ranks keep the tiles in shared memory, and tensor-core products need >= 16 rows.
-    pdl: inside a chain of dependent launches (model.GPT.fused_decode_step) rank-2 K/V also prefetch by hand, so
-    that the first block is requested before the wait (Medium T6, B=1, 32K: 0.941 vs 1.006 ms per step)."""
+    a_dot: the A tiles reach the products' layout through an identity product (I @ A), so that Triton's pipeliner
+    moves all four factors with cp.async through shared memory (it pipelines only loads that feed a product):
+    rank-1 K/V, B=1, M=2^18, H=32: 0.0421 vs 0.0445 ms; B=8: 0.267 vs 0.285 ms (99% of copy bandwidth).
+    Rank-2 K/V prefetch the next block by hand (registers), which also lets a PDL launch request the first block
+    before its wait (model.GPT.fused_decode_step; Medium T6, B=1, 32K: 0.941 vs 1.006 ms per step)."""
     rk_p, rv_p = triton.next_power_of_2(Rk), triton.next_power_of_2(Rv)
     r_p = max(rk_p, rv_p)
     wide = dtype == torch.float32 or max(D, E) > 64
     block_m = max(2, 16 // min(rk_p, rv_p), (32 if wide else 64) // r_p)
     if wide:  # wide tiles: no room for a second block in registers
-        return block_m, False, 1, 2
-    if r_p == 1 and block_rows <= 32:  # rank-1 K/V: hand prefetch of the next 64 positions (24 KB at H=32)
-        return 64, True, 1, 2
-    if r_p == 1:  # 64 rows (H=48): the prefetched block no longer fits in registers; long blocks instead
-        return 128, False, 1, 2
-    if pdl and r_p == 2:
-        return block_m, True, 1, 2
-    return block_m, False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
+        return block_m, False, False, 1, 2
+    if r_p == 1 and block_rows <= 32:  # rank-1 K/V: 128 positions (48 KB at H=32) per stage, 3 stages, 1 per SM
+        return 128, False, True, 3, 1
+    if r_p == 1:  # 64 rows (H=48)
+        return 64, False, True, 4, 1
+    if r_p == 2:  # rank-2 K/V: the next block prefetched by hand into registers (B=1, M=32K, H=47: 0.0155 vs 0.0166)
+        return block_m, True, True, 1, 2
+    return block_m, False, False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
 
 
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
                            num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
-                           combine_block_e=32, pdl=False):
+                           combine_block_e=32, pdl=False, a_dot=None):
     """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning).
 
     pdl=True (compute capability >= 9): both kernels use programmatic dependent launch. The call may then start
@@ -338,9 +358,12 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
     pdl = bool(pdl) and pdl_supported(dev)
-    bm, pf, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, pdl)
+    bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype)
+    if bm > 32 and B * row_blocks * triton.cdiv(M, bm) < _num_sms(dev):  # a short cache: more, shorter splits
+        bm = 32  # (B=1, M=4096, H=32: 0.0064 vs 0.0083 ms with 128 positions)
     BLOCK_M = block_m or bm
     prefetch = pf if prefetch is None else prefetch
+    a_dot = ad if a_dot is None else a_dot
     n_blocks = triton.cdiv(M, BLOCK_M)
     if num_splits is None:  # M sets the grid, never the compiled code; never a partial second wave
         num_splits = max(1, min(n_blocks, int((programs_per_sm or per_sm) * _num_sms(dev)) // (B * row_blocks)))
@@ -356,10 +379,10 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         aq, bq, ak, bk, av, bv, seq, part, lse,
         *aq.stride(), *bq.stride(), *ak.stride(), *bk.stride(), *av.stride(), *bv.stride(),
         part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
-        N, H, M, blocks_per_split, scale * math.log2(math.e) / (Rq * Rk),
+        N, M, blocks_per_split, scale * math.log2(math.e) / (Rq * Rk), H,
         RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
-        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl,
+        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot,
         num_warps=num_warps or 4, num_stages=num_stages or stages, **launch,
     )
     if not single:

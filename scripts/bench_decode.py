@@ -112,9 +112,9 @@ def tune():
     if os.environ.get("TUNE_SHAPES"):  # e.g. TUNE_SHAPES=0,1 for the first two
         shapes = [shapes[int(i)] for i in os.environ["TUNE_SHAPES"].split(",")]
     for B, M, H, (Rq, Rk, Rv) in shapes:
-        configs = [dict(block_m=bm, prefetch=pf, num_warps=w, num_stages=st, programs_per_sm=ps)
-                   for bm in ((32, 64, 128) if Rk == Rv == 1 else (16, 32, 64)) for pf in (True, False) for w in (4, 8)
-                   for st in ((1,) if pf else (1, 2, 3)) for ps in (2, 3, 4)]
+        configs = [dict(block_m=bm, prefetch=pf, a_dot=ad, num_warps=w, num_stages=st, programs_per_sm=ps)
+                   for bm in ((32, 64, 128) if Rk == Rv == 1 else (16, 32, 64)) for pf in (True, False)
+                   for ad in (True, False) for w in (4, 8) for st in ((1,) if pf else (2, 3, 4)) for ps in (1, 2, 3)]
         t = [rand(*s) for s in ((B, 1, H, Rq), (B, 1, Rq, 64), (B, M, H, Rk), (B, M, Rk, 64), (B, M, H, Rv), (B, M, Rv, 64))]
         nbytes = sum(x.numel() * 2 for x in t)
         results = []

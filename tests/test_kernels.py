@@ -76,13 +76,16 @@ def test_any_strides_and_splits():
 
 
 @needs_triton
+@pytest.mark.parametrize("a_dot", [True, False], ids=["a_dot", "a_regs"])
 @pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "pipeliner"])
 @pytest.mark.parametrize("ranks", [(16, 1, 1), (6, 2, 2), (3, 3, 1), (2, 1, 5)], ids=lambda r: "R" + "".join(map(str, r)))
-def test_both_loop_forms(ranks, prefetch):
-    """The hand-prefetched loop and the plain one (the heuristics pick one per rank), with ranks padded to powers
-    of two, several blocks per split and a ragged batch."""
+def test_both_loop_forms(ranks, prefetch, a_dot):
+    """The hand-prefetched loop and the plain one, A tiles through the identity product or converted in registers
+    (the heuristics pick per rank), with ranks padded to powers of two, several blocks per split and a ragged
+    batch; fp32 (the identity product in IEEE precision) and fp16."""
     t = factors(2, 2, 150, 6, *ranks, 32, 16, seed=6)
-    check(t, torch.tensor([150, 61]), torch.float32, atol=1e-6, num_splits=3, block_m=16, prefetch=prefetch)
+    check(t, torch.tensor([150, 61]), torch.float32, atol=1e-6, num_splits=3, block_m=16, prefetch=prefetch, a_dot=a_dot)
+    check(t, torch.tensor([150, 61]), torch.float16, atol=1e-4, num_splits=3, block_m=16, prefetch=prefetch, a_dot=a_dot)
 
 
 def logit_controlled(M, logits, H=4, D=16):
