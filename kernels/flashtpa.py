@@ -27,8 +27,12 @@ contributes 0 instead of 0/0), and accumulates (p * a_V) @ b_V, again one produc
 ranks. The A tiles (a_K, a_V) reach the products' register layout through a product with the identity
 (I @ A, exact), which also makes Triton's pipeliner move them with cp.async through shared memory like
 the B tiles (it pipelines only loads that feed a product): rank-1 K/V stream three blocks of 128
-positions deep. Rank-2 K/V issue the next block's loads before the current block's math instead (hand
-software pipelining into registers); higher ranks use the pipeliner without the identity products.
+positions deep. For ranks 2-4, when a position's (H, R) block of A is 16-byte aligned (H * R a multiple of
+8) and one program holds all (query, head) rows, the kernel loads whole A rows (BLOCK_M, H * R) and picks
+each rank's (head, position) values with a selection product (one 1 per row: exact); the B factors are
+then loaded per rank, every load is a 16-byte cp.async in the pipeliner's ring. Other rank-2 shapes issue
+the next block's loads before the current block's math (hand software pipelining into registers), higher
+ranks use the pipeliner without the identity products.
 Partial outputs and log-sum-exps are kept in fp32 and combined by a second kernel with the max-LSE
 rule, all splits in one load where they fit. The cache length is a runtime value, never a
 compile-time constant or autotune key: the grid grows with M, programs past a sequence's length exit
@@ -111,6 +115,14 @@ def flashtpa_decode_einsum(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
 if HAS_TRITON:
 
     @triton.jit
+    def _mm(a, b, IEEE: tl.constexpr):
+        """a @ b on tensor cores, fp32 accumulation; full fp32 precision (no TF32) for fp32 inputs."""
+        if IEEE:
+            return tl.dot(a, b, input_precision="ieee")
+        else:
+            return tl.dot(a, b)
+
+    @triton.jit
     def _load_cache_block(ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
                           s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
                           s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e,
@@ -141,7 +153,8 @@ if HAS_TRITON:
         D: tl.constexpr, E: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
-        A_DOT: tl.constexpr = False,
+        A_DOT: tl.constexpr = False, SEL: tl.constexpr = False, HRK_P: tl.constexpr = 16,
+        HRV_P: tl.constexpr = 16,
     ):
         if PDL:  # programmatic dependent launch: the combine (and what follows it) may launch now
             gdc_launch_dependents()
@@ -199,35 +212,45 @@ if HAS_TRITON:
         m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_ROWS, BLOCK_E), dtype=tl.float32)
+        if SEL:  # the flattened (head, rank) column of each A factor row, and where it ends
+            colk = tl.arange(0, HRK_P)
+            colv = tl.arange(0, HRV_P)
         for m0 in range(start, end, BLOCK_M):
-            if PREFETCH:  # hand software pipelining: the next block's loads are issued before this block's math
-                ak, bk, av, bv = ak_n, bk_n, av_n, bv_n
-                ak_n, bk_n, av_n, bv_n = _load_cache_block(
-                    ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0 + BLOCK_M, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
-                    s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
-                    s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
-            else:  # left to Triton's pipeliner (num_stages)
-                ak, bk, av, bv = _load_cache_block(
-                    ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
-                    s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
-                    s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
-            # -- logits: sum_s a_K,s * (q . b_K,s), all key ranks in one tensor-core product
-            if IEEE:
-                qk = tl.dot(q, tl.trans(bk), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(bk))
-            if A_DOT:
-                if IEEE:
-                    qk = qk * tl.dot(eye, ak, input_precision="ieee")
-                else:
-                    qk = qk * tl.dot(eye, ak)
-            else:
-                qk = qk * ak.to(tl.float32)  # (ROWS, BLOCK_M * RK_P)
-            if RK_P == 1:
-                s_log2 = qk
-            else:
-                s_log2 = tl.sum(tl.reshape(qk, (BLOCK_ROWS, BLOCK_M, RK_P)), axis=2)  # (ROWS, BLOCK_M)
             offs_m = m0 + offs_m0
+            if SEL:  # whole A rows (BLOCK_M, H * R): 16-byte loads; a selection product picks each rank's heads
+                ok_m = offs_m < end
+                tk = tl.load(ak_ptr + b * s_ak_b + offs_m[:, None] * s_ak_m + colk[None, :],
+                             mask=ok_m[:, None] & (colk[None, :] < H * RK), other=0.0)  # (BLOCK_M, HRK_P)
+                tv = tl.load(av_ptr + b * s_av_b + offs_m[:, None] * s_av_m + colv[None, :],
+                             mask=ok_m[:, None] & (colv[None, :] < H * RV), other=0.0)  # (BLOCK_M, HRV_P)
+                s_log2 = tl.zeros((BLOCK_ROWS, BLOCK_M), dtype=tl.float32)
+                for r in tl.static_range(RK):  # sum_r a_K,r * (q . b_K,r)
+                    bk = tl.load(bk_ptr + b * s_bk_b + offs_m[:, None] * s_bk_m + r * s_bk_r + offs_d[None, :] * s_bk_d,
+                                 mask=ok_m[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
+                    sel = (colk[None, :] == (h * RK + r)[:, None]).to(dt)  # (ROWS, HRK_P): row's head, rank r
+                    s_log2 += _mm(q, tl.trans(bk), IEEE) * _mm(sel, tl.trans(tk), IEEE)
+            else:
+                if PREFETCH:  # hand software pipelining: the next block's loads are issued before this block's math
+                    ak, bk, av, bv = ak_n, bk_n, av_n, bv_n
+                    ak_n, bk_n, av_n, bv_n = _load_cache_block(
+                        ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0 + BLOCK_M, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                        s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+                        s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
+                else:  # left to Triton's pipeliner (num_stages)
+                    ak, bk, av, bv = _load_cache_block(
+                        ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
+                        s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
+                        s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e, RK, RV, D, E)
+                # -- logits: sum_s a_K,s * (q . b_K,s), all key ranks in one tensor-core product
+                qk = _mm(q, tl.trans(bk), IEEE)
+                if A_DOT:
+                    qk = qk * _mm(eye, ak, IEEE)
+                else:
+                    qk = qk * ak.to(tl.float32)  # (ROWS, BLOCK_M * RK_P)
+                if RK_P == 1:
+                    s_log2 = qk
+                else:
+                    s_log2 = tl.sum(tl.reshape(qk, (BLOCK_ROWS, BLOCK_M, RK_P)), axis=2)  # (ROWS, BLOCK_M)
             visible = (offs_m[None, :] < end) & (offs_m[None, :] <= pos[:, None])
             s_log2 = tl.where(visible, s_log2, float("-inf"))
             # -- online softmax with the running max: a block far below it adds exp2(-big) = 0, never 0/0
@@ -237,22 +260,23 @@ if HAS_TRITON:
             p = tl.exp2(s_log2 - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
-            # -- values: sum_u (p * a_V,u) @ b_V,u, all value ranks in one product
-            if RV_P == 1:
-                pe = p
-            else:  # (ROWS, BLOCK_M) -> (ROWS, BLOCK_M * RV_P), each position repeated once per rank
-                pe = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_ROWS, BLOCK_M, RV_P)), (BLOCK_ROWS, BLOCK_M * RV_P))
-            if A_DOT:
-                if IEEE:
-                    pv = (pe * tl.dot(eye, av, input_precision="ieee")).to(dt)
+            if SEL:  # sum_u (p * a_V,u) @ b_V,u, one product per value rank
+                for u in tl.static_range(RV):
+                    bv = tl.load(bv_ptr + b * s_bv_b + offs_m[:, None] * s_bv_m + u * s_bv_r + offs_e[None, :] * s_bv_e,
+                                 mask=ok_m[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_M, BLOCK_E)
+                    sel = (colv[None, :] == (h * RV + u)[:, None]).to(dt)
+                    acc += _mm((p * _mm(sel, tl.trans(tv), IEEE)).to(dt), bv, IEEE)
+            else:  # -- values: sum_u (p * a_V,u) @ b_V,u, all value ranks in one product
+                if RV_P == 1:
+                    pe = p
+                else:  # (ROWS, BLOCK_M) -> (ROWS, BLOCK_M * RV_P), each position repeated once per rank
+                    pe = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_ROWS, BLOCK_M, RV_P)),
+                                    (BLOCK_ROWS, BLOCK_M * RV_P))
+                if A_DOT:
+                    pv = (pe * _mm(eye, av, IEEE)).to(dt)
                 else:
-                    pv = (pe * tl.dot(eye, av)).to(dt)
-            else:
-                pv = (pe * av.to(tl.float32)).to(dt)
-            if IEEE:
-                acc += tl.dot(pv, bv, input_precision="ieee")
-            else:
-                acc += tl.dot(pv, bv)
+                    pv = (pe * av.to(tl.float32)).to(dt)
+                acc += _mm(pv, bv, IEEE)
             m_i = m_new
 
         # -- normalised partial output and its log-sum-exp (natural log), both fp32
@@ -342,9 +366,10 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype):
     return block_m, False, False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
 
 
+
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
                            num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
-                           combine_block_e=32, pdl=False, a_dot=None):
+                           combine_block_e=32, pdl=False, a_dot=None, sel=None):
     """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning).
 
     pdl=True (compute capability >= 9): both kernels use programmatic dependent launch. The call may then start
@@ -364,6 +389,18 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     BLOCK_M = block_m or bm
     prefetch = pf if prefetch is None else prefetch
     a_dot = ad if a_dot is None else a_dot
+    # whole A rows + selection products: needs each position's (H, R) block of A contiguous and one row block
+    sel_ok = (row_blocks == 1 and ak.stride(2) == Rk and ak.stride(3) == 1 and av.stride(2) == Rv and av.stride(3) == 1)
+    if sel is None:
+        sel = (sel_ok and max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32 and max(D, E) <= 64
+               and H * Rk % 8 == 0 and H * Rv % 8 == 0)  # 16-byte rows (H = 47, R = 2: 188 bytes, no cp.async)
+    elif sel and not sel_ok:
+        raise ValueError("flashtpa_decode_triton(sel=True) needs A factors with contiguous (H, R) per position and "
+                         "N * H <= 64")
+    if sel:  # tiles (H100, bench_decode --tune): 64 positions x 3 stages, 1 program per SM (64 rows: 32 x 4)
+        prefetch = False
+        bm_sel, stages, per_sm = (64, 3, 1) if BLOCK_ROWS <= 32 else (32, 4, 1)
+        BLOCK_M = block_m or bm_sel
     n_blocks = triton.cdiv(M, BLOCK_M)
     if num_splits is None:  # M sets the grid, never the compiled code; never a partial second wave
         num_splits = max(1, min(n_blocks, int((programs_per_sm or per_sm) * _num_sms(dev)) // (B * row_blocks)))
@@ -383,6 +420,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
         HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot,
+        SEL=sel, HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
         num_warps=num_warps or 4, num_stages=num_stages or stages, **launch,
     )
     if not single:

@@ -115,6 +115,9 @@ def tune():
         configs = [dict(block_m=bm, prefetch=pf, a_dot=ad, num_warps=w, num_stages=st, programs_per_sm=ps)
                    for bm in ((32, 64, 128) if Rk == Rv == 1 else (16, 32, 64)) for pf in (True, False)
                    for ad in (True, False) for w in (4, 8) for st in ((1,) if pf else (2, 3, 4)) for ps in (1, 2, 3)]
+        if max(Rk, Rv) > 1:  # whole A rows through selection products
+            configs += [dict(sel=True, block_m=bm, num_warps=w, num_stages=st, programs_per_sm=ps)
+                        for bm in (16, 32, 64) for w in (4, 8) for st in (2, 3, 4) for ps in (1, 2, 3)]
         t = [rand(*s) for s in ((B, 1, H, Rq), (B, 1, Rq, 64), (B, M, H, Rk), (B, M, Rk, 64), (B, M, H, Rv), (B, M, Rv, 64))]
         nbytes = sum(x.numel() * 2 for x in t)
         results = []

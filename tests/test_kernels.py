@@ -75,17 +75,31 @@ def test_any_strides_and_splits():
               combine_block_s=chunk, combine_block_e=8)
 
 
+LOOP_FORMS = {"prefetch": dict(prefetch=True, a_dot=False, sel=False), "pipeliner": dict(prefetch=False, a_dot=False, sel=False),
+              "prefetch_a_dot": dict(prefetch=True, a_dot=True, sel=False), "a_dot": dict(prefetch=False, a_dot=True, sel=False),
+              "sel": dict(sel=True)}
+
+
 @needs_triton
-@pytest.mark.parametrize("a_dot", [True, False], ids=["a_dot", "a_regs"])
-@pytest.mark.parametrize("prefetch", [True, False], ids=["prefetch", "pipeliner"])
+@pytest.mark.parametrize("form", LOOP_FORMS)
 @pytest.mark.parametrize("ranks", [(16, 1, 1), (6, 2, 2), (3, 3, 1), (2, 1, 5)], ids=lambda r: "R" + "".join(map(str, r)))
-def test_both_loop_forms(ranks, prefetch, a_dot):
-    """The hand-prefetched loop and the plain one, A tiles through the identity product or converted in registers
-    (the heuristics pick per rank), with ranks padded to powers of two, several blocks per split and a ragged
-    batch; fp32 (the identity product in IEEE precision) and fp16."""
+def test_loop_forms(ranks, form):
+    """Every form of the cache loop (the heuristics pick one per shape): the hand-prefetched loop or the pipelined
+    one, A tiles converted in registers or through the identity product, and whole A rows through selection
+    products, with ranks padded to powers of two, several blocks per split and a ragged batch; fp32 (the products
+    in IEEE precision) and fp16."""
     t = factors(2, 2, 150, 6, *ranks, 32, 16, seed=6)
-    check(t, torch.tensor([150, 61]), torch.float32, atol=1e-6, num_splits=3, block_m=16, prefetch=prefetch, a_dot=a_dot)
-    check(t, torch.tensor([150, 61]), torch.float16, atol=1e-4, num_splits=3, block_m=16, prefetch=prefetch, a_dot=a_dot)
+    for dtype, atol in ((torch.float32, 1e-6), (torch.float16, 1e-4)):
+        check(t, torch.tensor([150, 61]), dtype, atol=atol, num_splits=3, block_m=16, **LOOP_FORMS[form])
+
+
+@needs_triton
+def test_sel_needs_contiguous_a_rows():
+    t = [x.float() for x in factors(1, 1, 40, 6, 2, 2, 2, 16, 16)]
+    t[2] = torch.randn(1, 40, 2, 6).transpose(2, 3)  # rank-major A_K: a position's (H, R) block is not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        flashtpa_decode_triton(*[x.to(DEVICE) for x in t], sel=True)
+    check([x.double() for x in t], None, torch.float32, atol=1e-6)  # the heuristics fall back to the strided tiles
 
 
 def logit_controlled(M, logits, H=4, D=16):
