@@ -234,10 +234,13 @@ class Attention(nn.Module):
         causal pass, or a LayerCache: the new tokens' entries are written to it, then the queries attend
         to everything cached (or, for a prefill into an empty cache, to the new tokens only).
       cache_spec() -> {name: per-token shape} of what the decode cache holds for this layer.
+      position_minor: names of cache_spec that KVCache(position_minor=True) stores position-minor.
       kv_cache_elems_per_token() -> elements cached per token in this layer.
       attn_flops_per_token(T) -> forward FLOPs per token that are not weight matmuls, averaged over a
         causal sequence of length T.
     """
+
+    position_minor = ()
 
     def __init__(self, config, n_head, v_dim, n_kv_head=None):
         super().__init__()
@@ -408,7 +411,11 @@ class TPA(Attention):
     B = b (x) c with b in R^db (rotated by a db-dimensional RoPE) and c in R^dc (App. C, Theorem C.1).
     The cache holds the contextual factors ("pieces": ak, bk, [ck,] av, bv, [cv]); decoding reassembles
     A and B and calls FlashTPA (kernels/flashtpa.py) on CUDA, its PyTorch reference elsewhere.
+    KVCache(position_minor=True) keeps the A factors position-minor ((B, H, R, L) storage), so that FlashTPA
+    reads each rank's (heads, positions) tile in 16-byte rows whatever H * R is; faster for the kernel alone at
+    2^18 positions, slower inside the Medium T6 decode step on an H100 (benchmarks/RESULTS.md): off by default.
     """
+    position_minor = ("ak", "av")
 
     def __init__(self, config):
         H, D, C = config.n_head, config.head_dim, config.n_embd
@@ -551,11 +558,12 @@ class KVCache:
     step needs a device sync. fresh=True marks a prefill into an empty cache (attend to the new tokens).
     """
 
-    def __init__(self, model, batch_size, max_len, device=None, dtype=None):
+    def __init__(self, model, batch_size, max_len, device=None, dtype=None, position_minor=False):
         p = model.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
         self.B, self.max_len = batch_size, max_len
-        self.layers = [{name: torch.zeros(batch_size, max_len, *shape, device=device, dtype=dtype)
+        minor = lambda attn, name: position_minor and name in attn.position_minor
+        self.layers = [{name: self._zeros(batch_size, max_len, shape, minor(block.attn, name), device, dtype)
                         for name, shape in block.attn.cache_spec().items()} for block in model.transformer.h]
         self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.kv_len, self.fresh = max_len, False
@@ -563,6 +571,17 @@ class KVCache:
         self.use_kernel = True  # TPA: FlashTPA on CUDA (else its PyTorch reference); False: the reference;
         # "triton": the kernel wherever Triton runs (CPU tensors need TRITON_INTERPRET=1)
         self.mla_absorb = True  # MLA: absorbed (latent-space) decode; False materialises K and V
+
+    @staticmethod
+    def _zeros(B, L, shape, minor, device, dtype):
+        """(B, L, *shape) zeros; minor: stored position-minor ((B, *shape, L8), viewed as (B, L, *shape)), so that a
+        feature's values over the positions are contiguous (FlashTPA streams TPA's A factors that way). L8 is L
+        rounded up to a multiple of 8 (at most 7 unused slots, not counted by nbytes): every feature's run then
+        starts 16-byte aligned, which the kernel's 16-byte copies need."""
+        if minor:
+            L8 = -(-L // 8) * 8
+            return torch.zeros(B, *shape, L8, device=device, dtype=dtype)[..., :L].movedim(-1, 1)
+        return torch.zeros(B, L, *shape, device=device, dtype=dtype)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())

@@ -153,7 +153,8 @@ if HAS_TRITON:
         D: tl.constexpr, E: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
-        A_DOT: tl.constexpr = False, SEL: tl.constexpr = False, HRK_P: tl.constexpr = 16,
+        A_DOT: tl.constexpr = False, PER_RANK: tl.constexpr = False, A_ROWS: tl.constexpr = False,
+        HRK_P: tl.constexpr = 16,
         HRV_P: tl.constexpr = 16,
     ):
         if PDL:  # programmatic dependent launch: the combine (and what follows it) may launch now
@@ -206,29 +207,36 @@ if HAS_TRITON:
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             q += a.to(tl.float32)[:, None] * bq.to(tl.float32)
         q = (q * qk_scale).to(dt)
-        if A_DOT:  # identity (ROWS, ROWS): I @ A moves an A tile into the products' layout and feeds the pipeliner
+        if A_DOT or (PER_RANK and not A_ROWS):  # identity (ROWS, ROWS): I @ A moves an A tile into the products'
+            # layout and feeds the pipeliner
             eye = (tl.arange(0, BLOCK_ROWS)[:, None] == tl.arange(0, BLOCK_ROWS)[None, :]).to(dt)
 
         m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_ROWS, BLOCK_E), dtype=tl.float32)
-        if SEL:  # the flattened (head, rank) column of each A factor row, and where it ends
+        if PER_RANK and A_ROWS:  # the flattened (head, rank) column of an A factor row
             colk = tl.arange(0, HRK_P)
             colv = tl.arange(0, HRV_P)
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + offs_m0
-            if SEL:  # whole A rows (BLOCK_M, H * R): 16-byte loads; a selection product picks each rank's heads
+            if PER_RANK:  # one product per rank; every tile a plain 2-D block with 16-byte rows
                 ok_m = offs_m < end
-                tk = tl.load(ak_ptr + b * s_ak_b + offs_m[:, None] * s_ak_m + colk[None, :],
-                             mask=ok_m[:, None] & (colk[None, :] < H * RK), other=0.0)  # (BLOCK_M, HRK_P)
-                tv = tl.load(av_ptr + b * s_av_b + offs_m[:, None] * s_av_m + colv[None, :],
-                             mask=ok_m[:, None] & (colv[None, :] < H * RV), other=0.0)  # (BLOCK_M, HRV_P)
+                if A_ROWS:  # whole A rows (BLOCK_M, H * R); a selection product picks each rank's heads
+                    tk = tl.load(ak_ptr + b * s_ak_b + offs_m[:, None] * s_ak_m + colk[None, :],
+                                 mask=ok_m[:, None] & (colk[None, :] < H * RK), other=0.0)  # (BLOCK_M, HRK_P)
+                    tv = tl.load(av_ptr + b * s_av_b + offs_m[:, None] * s_av_m + colv[None, :],
+                                 mask=ok_m[:, None] & (colv[None, :] < H * RV), other=0.0)  # (BLOCK_M, HRV_P)
                 s_log2 = tl.zeros((BLOCK_ROWS, BLOCK_M), dtype=tl.float32)
                 for r in tl.static_range(RK):  # sum_r a_K,r * (q . b_K,r)
                     bk = tl.load(bk_ptr + b * s_bk_b + offs_m[:, None] * s_bk_m + r * s_bk_r + offs_d[None, :] * s_bk_d,
                                  mask=ok_m[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-                    sel = (colk[None, :] == (h * RK + r)[:, None]).to(dt)  # (ROWS, HRK_P): row's head, rank r
-                    s_log2 += _mm(q, tl.trans(bk), IEEE) * _mm(sel, tl.trans(tk), IEEE)
+                    if A_ROWS:
+                        sel = (colk[None, :] == (h * RK + r)[:, None]).to(dt)  # (ROWS, HRK_P): row's head, rank r
+                        a_r = _mm(sel, tl.trans(tk), IEEE)
+                    else:  # a position-minor cache: rank r's (ROWS, BLOCK_M) tile is contiguous along positions
+                        a_r = _mm(eye, tl.load(ak_ptr + b * s_ak_b + offs_m[None, :] * s_ak_m + h[:, None] * s_ak_h
+                                             + r * s_ak_r, mask=row_ok[:, None] & ok_m[None, :], other=0.0), IEEE)
+                    s_log2 += _mm(q, tl.trans(bk), IEEE) * a_r
             else:
                 if PREFETCH:  # hand software pipelining: the next block's loads are issued before this block's math
                     ak, bk, av, bv = ak_n, bk_n, av_n, bv_n
@@ -260,12 +268,17 @@ if HAS_TRITON:
             p = tl.exp2(s_log2 - m_safe[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
             acc = acc * alpha[:, None]
-            if SEL:  # sum_u (p * a_V,u) @ b_V,u, one product per value rank
+            if PER_RANK:  # sum_u (p * a_V,u) @ b_V,u, one product per value rank
                 for u in tl.static_range(RV):
                     bv = tl.load(bv_ptr + b * s_bv_b + offs_m[:, None] * s_bv_m + u * s_bv_r + offs_e[None, :] * s_bv_e,
                                  mask=ok_m[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_M, BLOCK_E)
-                    sel = (colv[None, :] == (h * RV + u)[:, None]).to(dt)
-                    acc += _mm((p * _mm(sel, tl.trans(tv), IEEE)).to(dt), bv, IEEE)
+                    if A_ROWS:
+                        sel = (colv[None, :] == (h * RV + u)[:, None]).to(dt)
+                        a_r = _mm(sel, tl.trans(tv), IEEE)
+                    else:
+                        a_r = _mm(eye, tl.load(av_ptr + b * s_av_b + offs_m[None, :] * s_av_m + h[:, None] * s_av_h
+                                             + u * s_av_r, mask=row_ok[:, None] & ok_m[None, :], other=0.0), IEEE)
+                    acc += _mm((p * a_r).to(dt), bv, IEEE)
             else:  # -- values: sum_u (p * a_V,u) @ b_V,u, all value ranks in one product
                 if RV_P == 1:
                     pe = p
@@ -369,7 +382,8 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype):
 
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
                            num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
-                           combine_block_e=32, pdl=False, a_dot=None, sel=None):
+                           combine_block_e=32, pdl=False, a_dot=None, per_rank=None,
+                           a_rows=None):
     """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning).
 
     pdl=True (compute capability >= 9): both kernels use programmatic dependent launch. The call may then start
@@ -389,18 +403,24 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     BLOCK_M = block_m or bm
     prefetch = pf if prefetch is None else prefetch
     a_dot = ad if a_dot is None else a_dot
-    # whole A rows + selection products: needs each position's (H, R) block of A contiguous and one row block
-    sel_ok = (row_blocks == 1 and ak.stride(2) == Rk and ak.stride(3) == 1 and av.stride(2) == Rv and av.stride(3) == 1)
-    if sel is None:
-        sel = (sel_ok and max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32 and max(D, E) <= 64
-               and H * Rk % 8 == 0 and H * Rv % 8 == 0)  # 16-byte rows (H = 47, R = 2: 188 bytes, no cp.async)
-    elif sel and not sel_ok:
-        raise ValueError("flashtpa_decode_triton(sel=True) needs A factors with contiguous (H, R) per position and "
-                         "N * H <= 64")
-    if sel:  # tiles (H100, bench_decode --tune): 64 positions x 3 stages, 1 program per SM (64 rows: 32 x 4)
+    # one product per rank (ranks 2-4): A from whole rows (a position's (H, R) block contiguous, one row block)
+    # through selection products, or from a position-minor cache (stride 1 along M) through identity products
+    rows_ok = row_blocks == 1 and ak.stride(2) == Rk and ak.stride(3) == 1 and av.stride(2) == Rv and av.stride(3) == 1
+    pos_minor = ak.stride(1) == 1 and av.stride(1) == 1
+    if a_rows is None:
+        a_rows = rows_ok and not pos_minor
+    elif a_rows and not rows_ok:
+        raise ValueError("flashtpa_decode_triton(a_rows=True) needs A factors with a contiguous (H, R) block per "
+                         "position and N * H <= 64")
+    if per_rank is None:
+        aligned = H * Rk % 8 == 0 and H * Rv % 8 == 0  # 16-byte rows (H = 47, R = 2: 188 bytes: no cp.async)
+        per_rank = (max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32 and max(D, E) <= 64
+                    and (pos_minor or (a_rows and aligned)))
+    if per_rank:  # tiles (H100, sweeps of block x stages x programs per SM x warps): 64 positions, 3 stages, 1
+        # program per SM; 64 rows: 32 positions, 3 stages, 2 per SM (H=47, B=1, 32K: 0.0132 ms vs 0.0159 position-major)
         prefetch = False
-        bm_sel, stages, per_sm = (64, 3, 1) if BLOCK_ROWS <= 32 else (32, 4, 1)
-        BLOCK_M = block_m or bm_sel
+        bm_pr, stages, per_sm = (64, 3, 1) if BLOCK_ROWS <= 32 else (32, 3, 2)
+        BLOCK_M = block_m or bm_pr
     n_blocks = triton.cdiv(M, BLOCK_M)
     if num_splits is None:  # M sets the grid, never the compiled code; never a partial second wave
         num_splits = max(1, min(n_blocks, int((programs_per_sm or per_sm) * _num_sms(dev)) // (B * row_blocks)))
@@ -420,7 +440,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
         HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot,
-        SEL=sel, HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
+        PER_RANK=per_rank, A_ROWS=a_rows and per_rank, HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
         num_warps=num_warps or 4, num_stages=num_stages or stages, **launch,
     )
     if not single:

@@ -35,6 +35,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from kernels.cache_write import feature_stride
+
 try:
     import triton
     import triton.language as tl
@@ -71,9 +73,10 @@ def _check_factors(f_size, dsts, rotate, at_pos, pos, cos):
         raise ValueError(f"linear_factors: the weight's {f_size} outputs must be the {sum(sizes)} features of the "
                          f"{len(dsts)} destinations (rotate, at_pos: one flag each), pos one position")
     for d, rot in zip(dsts, rotate):
-        if d.size(0) != 1 or not d.is_contiguous() or (rot and d.size(-1) != 2 * cos.size(-1)):
-            raise ValueError(f"linear_factors: destination {tuple(d.shape)} must be contiguous (1, L, ...), and a "
-                             f"rotated one's last axis twice the RoPE tables' {cos.size(-1)}")
+        if d.size(0) != 1 or feature_stride(d) is None or (rot and d.size(-1) != 2 * cos.size(-1)):
+            raise ValueError(f"linear_factors: destination {tuple(d.shape)} must be (1, L, ...) with its features one "
+                             f"evenly strided run (contiguous or position-minor), and a rotated one's last axis twice "
+                             f"the RoPE tables' {cos.size(-1)}")
     return sizes
 
 
@@ -157,11 +160,12 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv_factors_kernel(x_ptr, w_ptr, pos_ptr, cos_ptr, sin_ptr, s_cos, L, K, s_wn, s_wk, eps,
-                             d0, o0, n0, m0, p0, d1, o1, n1, m1, p1, d2, o2, n2, m2, p2,
-                             d3, o3, n3, m3, p3, d4, o4, n4, m4, p4, d5, o5, n5, m5, p5,
+                             d0, o0, n0, m0, f0, p0, d1, o1, n1, m1, f1, p1, d2, o2, n2, m2, f2, p2,
+                             d3, o3, n3, m3, f3, p3, d4, o4, n4, m4, f4, p4, d5, o5, n5, m5, f5, p5,
                              ROT: tl.constexpr, AT: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
-        # piece i: rows o_i .. o_i + n_i of W -> destination d_i (row pos, stride m_i, if bit i of AT), programs
+        # piece i: rows o_i .. o_i + n_i of W -> destination d_i (row pos, stride m_i, if bit i of AT; features
+        # f_i apart: 1, or the cache length for a position-minor cache), programs
         # p_i .. p_{i+1} - 1. A rotated piece is processed in RoPE pairs: slot 2t / 2t+1 of a vector holds its
         # rows t / t + HALF, so one program owns both halves of every pair it rotates.
         if PDL:
@@ -171,6 +175,7 @@ if HAS_TRITON:
         dst = _pick(seg, d0, d1, d2, d3, d4, d5)
         off, size = _pick(seg, o0, o1, o2, o3, o4, o5), _pick(seg, n0, n1, n2, n3, n4, n5)
         stride_m, first = _pick(seg, m0, m1, m2, m3, m4, m5), _pick(seg, p0, p1, p2, p3, p4, p5)
+        stride_f = _pick(seg, f0, f1, f2, f3, f4, f5)
         rot, at = (ROT >> seg) & 1, (AT >> seg) & 1
         slot = (pid - first) * BLOCK_N + tl.arange(0, BLOCK_N)
         ok = slot < size
@@ -187,7 +192,7 @@ if HAS_TRITON:
             s = tl.load(sin_ptr + p * s_cos + i)
             y = tl.reshape(tl.join(x1 * c - x2 * s, x1 * s + x2 * c), (BLOCK_N,))
         if (at == 0) | ((p >= 0) & (p < L)):  # a position outside the cache is not written
-            tl.store(dst + p * at * stride_m + row, y.to(dst.dtype.element_ty), mask=ok)
+            tl.store(dst + p * at * stride_m + row.to(tl.int64) * stride_f, y.to(dst.dtype.element_ty), mask=ok)
 
     def _launch(launcher, x1, w, r1, y, norm, glu, pdl):
         N, K = y.numel(), w.size(1)
@@ -233,9 +238,9 @@ def linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=False, impl=N
     BLOCK_N, warps = TILES[pdl]
     args, off, prog = [], 0, 0
     for d, n in zip(dsts, sizes):
-        args += [d, off, n, d.stride(1), prog]
+        args += [d, off, n, d.stride(1), feature_stride(d), prog]
         off, prog = off + n, prog + triton.cdiv(n, BLOCK_N)
-    args += [dsts[0], 0, 0, 0, prog] * (6 - len(dsts))  # unused pieces: no program reaches them
+    args += [dsts[0], 0, 0, 0, 1, prog] * (6 - len(dsts))  # unused pieces: no program reaches them
     K = w.size(1)
     _gemv_factors_kernel[(prog,)](
         x.reshape(-1).contiguous(), w, pos, cos, sin, cos.stride(0),

@@ -4,7 +4,7 @@ reference, bit for bit; its dispatch and errors; and the op's registration for t
 import pytest
 import torch
 
-from kernels.cache_write import HAS_TRITON, write_rows
+from kernels.cache_write import HAS_TRITON, feature_stride, write_rows
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -14,13 +14,17 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration") + (  # fake-tensor
     ("test_faketensor", "test_aot_dispatch_dynamic") if torch.cuda.is_available() else ())
 
 
-def case(B, T, L, feats, n_extra=0, seed=0):
-    """Destinations (B, L, *f) and sources (B, T, *f) of several dtypes and layouts, distinct positions per row."""
+def case(B, T, L, feats, n_extra=0, seed=0, minor=False):
+    """Destinations (B, L, *f) and sources (B, T, *f) of several dtypes and layouts, distinct positions per row;
+    minor: every other destination position-minor ((B, *f, L) storage, as model.KVCache keeps TPA's A factors)."""
     g = torch.Generator().manual_seed(seed)
     dsts, srcs = [], []
     for i, f in enumerate(feats):
         dt = DTYPES[i % len(DTYPES)]
-        dsts.append(torch.randn(B, L, *f, generator=g).to(dt).to(DEVICE))
+        if minor and i % 2 == 0:
+            dsts.append(torch.randn(B, *f, L, generator=g).to(dt).to(DEVICE).movedim(-1, 1))
+        else:
+            dsts.append(torch.randn(B, L, *f, generator=g).to(dt).to(DEVICE))
         src = torch.randn(B, T, *f, generator=g, dtype=torch.float32)
         if i % 2 == 1:  # a strided slice of a wider projection, as the model's split() gives
             wide = torch.randn(B, T, 3 + int(torch.tensor(f).prod()), generator=g)
@@ -37,8 +41,9 @@ def case(B, T, L, feats, n_extra=0, seed=0):
     (2, 2, 6, [(3,), (2, 8), (5,), (1, 4), (7,), (2, 2), (3, 3), (1,)]),  # 8 tensors: two launches
     (2, 1, 4, [(2000,)]),  # features wider than one block
 ])
-def test_matches_index_put(B, T, L, feats):
-    dsts, srcs, pos = case(B, T, L, feats)
+@pytest.mark.parametrize("minor", [False, True], ids=["contiguous", "position_minor"])
+def test_matches_index_put(B, T, L, feats, minor):
+    dsts, srcs, pos = case(B, T, L, feats, minor=minor)
     ref = [d.clone() for d in dsts]
     write_rows(ref, srcs, pos, impl="ref")
     write_rows(dsts, srcs, pos, impl="triton")
@@ -65,6 +70,12 @@ def test_reference_and_errors():
         write_rows([d], [torch.zeros(2, 1, 4)], torch.tensor([[2], [0]]))
     with pytest.raises(ValueError, match="impl='cuda'"):
         write_rows([d], [s], torch.tensor([[2], [0]]), impl="cuda")
+    assert feature_stride(torch.zeros(2, 4, 3, 5)) == 1 and feature_stride(torch.zeros(2, 3, 5, 4).movedim(-1, 1)) == 4
+    uneven = torch.zeros(2, 4, 5, 3).transpose(2, 3)  # features (3, 5) with strides (1, 3): no single stride
+    assert feature_stride(uneven) is None
+    if HAS_TRITON:
+        with pytest.raises(ValueError, match="evenly strided"):
+            write_rows([uneven], [torch.ones(2, 1, 3, 5)], torch.tensor([[2], [0]]), impl="triton")
 
 
 @needs_triton

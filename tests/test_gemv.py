@@ -84,11 +84,14 @@ def test_op_schema():
                           test_utils=("test_schema",))
 
 
-def factor_case(dtype, H=5, R=(3, 2, 1), D=8, L=11, K=40, seed=0):
-    """T6's pieces of one token: aq, bq (query buffers), ak, bk, av, bv (cache tensors); bq and bk rotated."""
+def factor_case(dtype, H=5, R=(3, 2, 1), D=8, L=11, K=40, seed=0, minor=False):
+    """T6's pieces of one token: aq, bq (query buffers), ak, bk, av, bv (cache tensors); bq and bk rotated.
+    minor: ak and av position-minor, as model.KVCache keeps them ((1, H, R, L) storage)."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(1, 1, H, R[0]), (1, 1, R[0], D), (1, L, H, R[1]), (1, L, R[1], D), (1, L, H, R[2]), (1, L, R[2], D)]
     dsts = [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]
+    if minor:
+        dsts[2], dsts[4] = (d.movedim(1, -1).contiguous().movedim(-1, 1) for d in (dsts[2], dsts[4]))
     F = sum(torch.Size(s[2:]).numel() for s in shapes)
     x = (torch.randn(1, 1, K, generator=g) * 0.05).to(dtype).to(DEVICE)  # small: the norm's eps shows
     w = (torch.randn(F, K, generator=g) / K ** 0.5).to(dtype).to(DEVICE)
@@ -96,12 +99,13 @@ def factor_case(dtype, H=5, R=(3, 2, 1), D=8, L=11, K=40, seed=0):
     return x, w, dsts, [False, True, False, True, False, False], [False, False, True, True, True, True], cos, sin
 
 
+@pytest.mark.parametrize("minor", [False, True], ids=["contiguous", "position_minor"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_linear_factors(dtype):
+def test_linear_factors(dtype, minor):
     """Projection (RMSNorm folded in), split, RoPE (the model's half-split rotation) and the write at the position:
-    kernel and reference against fp64; positions outside the cache are not written."""
+    kernel and reference against fp64; positions outside the cache are not written; both cache layouts."""
     for p in (0, 7, 10, 11, 15):
-        x, w, dsts, rot, at, cos, sin = factor_case(dtype, seed=p)
+        x, w, dsts, rot, at, cos, sin = factor_case(dtype, seed=p, minor=minor)
         pos = torch.tensor([p], device=DEVICE)
         f = torch.nn.functional.rms_norm(x.double(), (x.size(-1),), eps=torch.finfo(torch.float32).eps) @ w.double().T
         want = [d.double().clone() for d in dsts]

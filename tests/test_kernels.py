@@ -75,9 +75,20 @@ def test_any_strides_and_splits():
               combine_block_s=chunk, combine_block_e=8)
 
 
-LOOP_FORMS = {"prefetch": dict(prefetch=True, a_dot=False, sel=False), "pipeliner": dict(prefetch=False, a_dot=False, sel=False),
-              "prefetch_a_dot": dict(prefetch=True, a_dot=True, sel=False), "a_dot": dict(prefetch=False, a_dot=True, sel=False),
-              "sel": dict(sel=True)}
+LOOP_FORMS = {"prefetch": dict(prefetch=True, a_dot=False, per_rank=False),
+              "pipeliner": dict(prefetch=False, a_dot=False, per_rank=False),
+              "prefetch_a_dot": dict(prefetch=True, a_dot=True, per_rank=False),
+              "a_dot": dict(prefetch=False, a_dot=True, per_rank=False),
+              "per_rank_a_rows": dict(per_rank=True, a_rows=True),
+              "per_rank_a_tiles": dict(per_rank=True, a_rows=False)}
+
+
+def position_minor(t):
+    """The same factors with A_K and A_V stored (B, H, R, M), viewed (B, M, H, R): stride 1 along positions."""
+    t = list(t)
+    for i in (2, 4):
+        t[i] = t[i].permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    return t
 
 
 @needs_triton
@@ -85,20 +96,33 @@ LOOP_FORMS = {"prefetch": dict(prefetch=True, a_dot=False, sel=False), "pipeline
 @pytest.mark.parametrize("ranks", [(16, 1, 1), (6, 2, 2), (3, 3, 1), (2, 1, 5)], ids=lambda r: "R" + "".join(map(str, r)))
 def test_loop_forms(ranks, form):
     """Every form of the cache loop (the heuristics pick one per shape): the hand-prefetched loop or the pipelined
-    one, A tiles converted in registers or through the identity product, and whole A rows through selection
-    products, with ranks padded to powers of two, several blocks per split and a ragged batch; fp32 (the products
-    in IEEE precision) and fp16."""
+    one, A tiles converted in registers or through the identity product, one product per rank with A from whole
+    rows (selection products) or from per-rank tiles, with ranks padded to powers of two, several blocks per split
+    and a ragged batch, in both cache layouts (A position-major and position-minor); fp32 (the products in IEEE
+    precision) and fp16."""
     t = factors(2, 2, 150, 6, *ranks, 32, 16, seed=6)
-    for dtype, atol in ((torch.float32, 1e-6), (torch.float16, 1e-4)):
-        check(t, torch.tensor([150, 61]), dtype, atol=atol, num_splits=3, block_m=16, **LOOP_FORMS[form])
+    kw = LOOP_FORMS[form]
+    for layout in (t, position_minor(t)):
+        if layout is not t and kw.get("a_rows"):
+            continue  # whole rows need the position-major layout
+        for dtype, atol in ((torch.float32, 1e-6), (torch.float16, 1e-4)):
+            check(layout, torch.tensor([150, 61]), dtype, atol=atol, num_splits=3, block_m=16, **kw)
 
 
 @needs_triton
-def test_sel_needs_contiguous_a_rows():
+def test_position_minor_cache_heuristics():
+    """A position-minor cache (what model.KVCache allocates) through the default heuristics, several row blocks."""
+    t = position_minor(factors(1, 2, 300, 40, 6, 2, 2, 32, 32, seed=7))  # N * H = 80 rows: two row blocks
+    check(t, torch.tensor([300]), torch.float16, atol=1e-4)
+    check(t, torch.tensor([300]), torch.float32, atol=1e-6)
+
+
+@needs_triton
+def test_a_rows_needs_contiguous_a_rows():
     t = [x.float() for x in factors(1, 1, 40, 6, 2, 2, 2, 16, 16)]
     t[2] = torch.randn(1, 40, 2, 6).transpose(2, 3)  # rank-major A_K: a position's (H, R) block is not contiguous
     with pytest.raises(ValueError, match="contiguous"):
-        flashtpa_decode_triton(*[x.to(DEVICE) for x in t], sel=True)
+        flashtpa_decode_triton(*[x.to(DEVICE) for x in t], a_rows=True)
     check([x.double() for x in t], None, torch.float32, atol=1e-6)  # the heuristics fall back to the strided tiles
 
 
