@@ -19,6 +19,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
 from kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
@@ -116,7 +117,7 @@ def tune():
                    for bm in ((32, 64, 128) if Rk == Rv == 1 else (16, 32, 64)) for pf in (True, False)
                    for ad in (True, False) for w in (4, 8) for st in ((1,) if pf else (2, 3, 4)) for ps in (1, 2, 3)]
         if max(Rk, Rv) > 1:  # whole A rows through selection products
-            configs += [dict(sel=True, block_m=bm, num_warps=w, num_stages=st, programs_per_sm=ps)
+            configs += [dict(per_rank=True, block_m=bm, num_warps=w, num_stages=st, programs_per_sm=ps)
                         for bm in (16, 32, 64) for w in (4, 8) for st in (2, 3, 4) for ps in (1, 2, 3)]
         t = [rand(*s) for s in ((B, 1, H, Rq), (B, 1, Rq, 64), (B, M, H, Rk), (B, M, Rk, 64), (B, M, H, Rv), (B, M, Rv, 64))]
         nbytes = sum(x.numel() * 2 for x in t)
@@ -124,7 +125,7 @@ def tune():
         for kw in configs:
             try:
                 results.append((do_bench_cudagraph(lambda: flashtpa_decode_triton(*t, **kw), rep=10), kw))
-            except Exception:  # out of resources
+            except OutOfResources:  # shared memory or registers
                 continue
         results.sort(key=lambda r: r[0])
         best = [(do_bench_cudagraph(lambda: flashtpa_decode_triton(*t, **kw), rep=50), kw) for _, kw in results[:3]]
