@@ -13,8 +13,10 @@ Shapes (logical; any strides):
         q = (1/Rq) sum_r aq_r (x) bq_r,  k = (1/Rk) sum_r ak_r (x) bk_r,  v = (1/Rv) sum_r av_r (x) bv_r
     exactly as model.TPA defines them (spec 1.2).
 
-Preferred cache layout: the one model.TPA writes, (B, M, H, R) for A and (B, M, R, D) for B, each
-contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A.
+Preferred cache layout: the one model.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, each
+contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A, in
+16-byte pieces when H * R is a multiple of 8. KVCache(position_minor=True) stores A as (B, H, R, M)
+instead (viewed (B, M, H, R)): 16-byte rows for any H * R (see the per-rank path below).
 
 Algorithm (spec 5.2, Algorithm 2, with a flash-decoding split over the cache): a program owns one
 sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms the rows'
@@ -30,13 +32,14 @@ the B tiles (it pipelines only loads that feed a product): rank-1 K/V stream thr
 positions deep. For ranks 2-4, when a position's (H, R) block of A is 16-byte aligned (H * R a multiple of
 8) and one program holds all (query, head) rows, the kernel loads whole A rows (BLOCK_M, H * R) and picks
 each rank's (head, position) values with a selection product (one 1 per row: exact); the B factors are
-then loaded per rank, every load is a 16-byte cp.async in the pipeliner's ring. Other rank-2 shapes issue
-the next block's loads before the current block's math (hand software pipelining into registers), higher
-ranks use the pipeliner without the identity products.
-Partial outputs and log-sum-exps are kept in fp32 and combined by a second kernel with the max-LSE
-rule, all splits in one load where they fit. The cache length is a runtime value, never a
-compile-time constant or autotune key: the grid grows with M, programs past a sequence's length exit
-at once, and nothing syncs with the host, so a decode step can be captured in a CUDA graph.
+then loaded per rank, every load is a 16-byte cp.async in the pipeliner's ring. A position-minor A cache
+takes the same per-rank loop with each rank's (rows, positions) tile through an identity product. Other
+rank-2 shapes issue the next block's loads before the current block's math (hand software pipelining
+into registers), higher ranks use the pipeliner without the identity products. Partial outputs and
+log-sum-exps are kept in fp32 and combined by a second kernel with the max-LSE rule, all splits in one
+load where they fit. The cache length is a runtime value, never a compile-time constant or autotune
+key: the grid grows with M, programs past a sequence's length exit at once, and nothing syncs with the
+host, so a decode step can be captured in a CUDA graph.
 
 flashtpa_decode_ref (materialised q/k/v) and flashtpa_decode_einsum (factor space, spec 5.1) are the
 PyTorch references with the same signature; flashtpa_decode falls back to the first off CUDA.
@@ -379,12 +382,15 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype):
     return block_m, False, False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
 
 
-
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
                            num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
                            combine_block_e=32, pdl=False, a_dot=None, per_rank=None,
                            a_rows=None):
-    """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning).
+    """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning):
+    block_m, num_splits, num_warps, num_stages, programs_per_sm set the grid and tiles; prefetch (hand software
+    pipelining), a_dot (A tiles through identity products) and per_rank (one product per rank; a_rows: A from
+    whole rows through selection products, which needs a contiguous (H, R) block per position and N * H <= 64)
+    pick the loop's form (see the module docstring).
 
     pdl=True (compute capability >= 9): both kernels use programmatic dependent launch. The call may then start
     while the previous kernel of the stream still runs: seqlens and the cache before each sequence's new tokens
