@@ -157,8 +157,7 @@ if HAS_TRITON:
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
         A_DOT: tl.constexpr = False, PER_RANK: tl.constexpr = False, A_ROWS: tl.constexpr = False,
-        HRK_P: tl.constexpr = 16,
-        HRV_P: tl.constexpr = 16,
+        HRK_P: tl.constexpr = 16, HRV_P: tl.constexpr = 16,
     ):
         if PDL:  # programmatic dependent launch: the combine (and what follows it) may launch now
             gdc_launch_dependents()
@@ -358,8 +357,10 @@ def _num_sms(device):
     return _SM_COUNT[device.index]
 
 
-def _tiles(block_rows, Rk, Rv, D, E, dtype):
+def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False):
     """(block_m, prefetch, a_dot, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune).
+    per_rank (one product per rank, see flashtpa_decode_triton): 64 positions, 3 stages, 1 program per SM; 64 rows:
+    32 positions, 3 stages, 2 per SM (H=47, B=1, 32K, position-minor A: 0.0132 ms vs 0.0159 position-major).
     A block's factor tiles have block_m * R_P rows: the rows are budgeted (64, or 32 for 4-byte or 128-wide
     features) so that high ranks keep the tiles in shared memory, and tensor-core products need >= 16 rows.
     a_dot: the A tiles reach the products' layout through an identity product (I @ A), so that Triton's pipeliner
@@ -367,6 +368,8 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype):
     rank-1 K/V, B=1, M=2^18, H=32: 0.0421 vs 0.0445 ms; B=8: 0.267 vs 0.285 ms (99% of copy bandwidth).
     Rank-2 K/V prefetch the next block by hand (registers), which also lets a PDL launch request the first block
     before its wait (model.GPT.fused_decode_step; Medium T6, B=1, 32K: 0.941 vs 1.006 ms per step)."""
+    if per_rank:
+        return (64, False, False, 3, 1) if block_rows <= 32 else (32, False, False, 3, 2)
     rk_p, rv_p = triton.next_power_of_2(Rk), triton.next_power_of_2(Rv)
     r_p = max(rk_p, rv_p)
     wide = dtype == torch.float32 or max(D, E) > 64
@@ -403,12 +406,6 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
     pdl = bool(pdl) and pdl_supported(dev)
-    bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype)
-    if bm > 32 and B * row_blocks * triton.cdiv(M, bm) < _num_sms(dev):  # a short cache: more, shorter splits
-        bm = 32  # (B=1, M=4096, H=32: 0.0064 vs 0.0083 ms with 128 positions)
-    BLOCK_M = block_m or bm
-    prefetch = pf if prefetch is None else prefetch
-    a_dot = ad if a_dot is None else a_dot
     # one product per rank (ranks 2-4): A from whole rows (a position's (H, R) block contiguous, one row block)
     # through selection products, or from a position-minor cache (stride 1 along M) through identity products
     rows_ok = row_blocks == 1 and ak.stride(2) == Rk and ak.stride(3) == 1 and av.stride(2) == Rv and av.stride(3) == 1
@@ -422,11 +419,12 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         aligned = H * Rk % 8 == 0 and H * Rv % 8 == 0  # 16-byte rows (H = 47, R = 2: 188 bytes: no cp.async)
         per_rank = (max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32 and max(D, E) <= 64
                     and (pos_minor or (a_rows and aligned)))
-    if per_rank:  # tiles (H100, sweeps of block x stages x programs per SM x warps): 64 positions, 3 stages, 1
-        # program per SM; 64 rows: 32 positions, 3 stages, 2 per SM (H=47, B=1, 32K: 0.0132 ms vs 0.0159 position-major)
-        prefetch = False
-        bm_pr, stages, per_sm = (64, 3, 1) if BLOCK_ROWS <= 32 else (32, 3, 2)
-        BLOCK_M = block_m or bm_pr
+    bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, per_rank)
+    if not per_rank and bm > 32 and B * row_blocks * triton.cdiv(M, bm) < _num_sms(dev):  # a short cache: more,
+        bm = 32  # shorter splits (B=1, M=4096, H=32: 0.0064 vs 0.0083 ms with 128 positions)
+    BLOCK_M = block_m or bm
+    prefetch = False if per_rank else (pf if prefetch is None else prefetch)
+    a_dot = ad if a_dot is None else a_dot
     n_blocks = triton.cdiv(M, BLOCK_M)
     if num_splits is None:  # M sets the grid, never the compiled code; never a partial second wave
         num_splits = max(1, min(n_blocks, int((programs_per_sm or per_sm) * _num_sms(dev)) // (B * row_blocks)))
@@ -446,7 +444,8 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
         BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
         HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot,
-        PER_RANK=per_rank, A_ROWS=a_rows and per_rank, HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
+        PER_RANK=per_rank, A_ROWS=a_rows and per_rank,
+        HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
         num_warps=num_warps or 4, num_stages=num_stages or stages, **launch,
     )
     if not single:

@@ -164,10 +164,10 @@ if HAS_TRITON:
                              d3, o3, n3, m3, f3, p3, d4, o4, n4, m4, f4, p4, d5, o5, n5, m5, f5, p5,
                              ROT: tl.constexpr, AT: tl.constexpr, HALF: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, NORM: tl.constexpr, PDL: tl.constexpr):
-        # piece i: rows o_i .. o_i + n_i of W -> destination d_i (row pos, stride m_i, if bit i of AT; features
-        # f_i apart: 1, or the cache length for a position-minor cache), programs
-        # p_i .. p_{i+1} - 1. A rotated piece is processed in RoPE pairs: slot 2t / 2t+1 of a vector holds its
-        # rows t / t + HALF, so one program owns both halves of every pair it rotates.
+        # piece i: rows o_i .. o_i + n_i of W -> destination d_i (row pos, stride m_i, if bit i of AT; features f_i
+        # apart: 1, or the cache length for a position-minor cache), programs p_i .. p_{i+1} - 1. A rotated piece
+        # is processed in RoPE pairs: slot 2t / 2t+1 of a vector holds its rows t / t + HALF, so one program owns
+        # both halves of every pair it rotates.
         if PDL:
             gdc_launch_dependents()
         pid = tl.program_id(0)
