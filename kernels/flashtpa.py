@@ -380,15 +380,6 @@ def _aligned_row_width(a, F):
     return W if end * a.element_size() <= a.untyped_storage().nbytes() else None
 
 
-def padded_rows(a, fill=0.0):
-    """A copy of an A factor (B, M, H, R) in model.KVCache's layout: each position's H * R features in a row padded
-    to a multiple of 8 ((B, M, F8) storage viewed (B, M, H, R)), the padding set to `fill` (never read as data)."""
-    B, M, H, R = a.shape
-    rows = torch.full((B, M, -(-H * R // 8) * 8), fill, dtype=a.dtype, device=a.device)
-    rows[..., :H * R] = a.reshape(B, M, H * R)
-    return rows[..., :H * R].view(B, M, H, R)
-
-
 def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False):
     """(block_m, prefetch, a_dot, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune).
     per_rank (one product per rank, see flashtpa_decode_triton): 64 positions, 3 stages, 1 program per SM; 64 rows:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
-from kernels.flashtpa import HAS_TRITON, _aligned_row_width, flashtpa_decode_triton, padded_rows
+from kernels.flashtpa import HAS_TRITON, _aligned_row_width, flashtpa_decode_triton
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -120,9 +120,16 @@ def test_position_minor_cache_heuristics():
     check(t, torch.tensor([300]), torch.float32, atol=1e-6)
 
 
-def nan_padded(t):
-    """A_K and A_V in model.KVCache's padded rows, the padding NaN."""
-    return [padded_rows(x, float("nan")) if i in (2, 4) else x for i, x in enumerate(t)]
+def padded_rows(t, fill=float("nan")):
+    """A_K and A_V stored as model.KVCache keeps them: each position's H * R features in a row padded to a multiple
+    of 8 ((B, M, F8) storage viewed (B, M, H, R)), the padding filled with `fill`."""
+    t = list(t)
+    for i in (2, 4):
+        B, M, H, R = t[i].shape
+        rows = torch.full((B, M, -(-H * R // 8) * 8), fill, dtype=t[i].dtype, device=t[i].device)
+        rows[..., :H * R] = t[i].reshape(B, M, H * R)
+        t[i] = rows[..., :H * R].view(B, M, H, R)
+    return t
 
 
 @needs_triton
@@ -131,11 +138,11 @@ def test_padded_a_rows():
     and zeroes the padding (a NaN reaching the selection product would poison every output); the default
     heuristics (per-rank products for fp16) and the other loop forms read only the H * R features."""
     t = factors(2, 2, 150, 7, 6, 2, 2, 32, 16, seed=8)
-    ak = nan_padded(t)[2]
+    ak = padded_rows(t)[2]
     assert _aligned_row_width(ak, 14) == 16 and ak.stride(1) == 16
     for dtype, atol in ((torch.float32, 1e-6), (torch.float16, 1e-4)):
         for kw in (dict(per_rank=True, a_rows=True, num_splits=3, block_m=16), dict(), LOOP_FORMS["prefetch_a_dot"]):
-            check(t, torch.tensor([150, 61]), dtype, atol=atol, layout=nan_padded, **kw)
+            check(t, torch.tensor([150, 61]), dtype, atol=atol, layout=padded_rows, **kw)
 
 
 def test_aligned_row_width():
