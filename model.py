@@ -556,16 +556,14 @@ class KVCache:
     Per forward the model sets the positions of the new tokens (seqlens + 0..T-1) and the mask; kv_len
     (a host-side upper bound of the lengths, or max_len) is how many slots attention reads, so that no
     step needs a device sync. fresh=True marks a prefill into an empty cache (attend to the new tokens).
-    position_minor=True stores the names in each mechanism's `position_minor` (TPA: A_K, A_V) position-minor;
-    pad_rows=False keeps position-major rows unpadded (see _zeros; the padding is never read as data).
     """
 
-    def __init__(self, model, batch_size, max_len, device=None, dtype=None, position_minor=False, pad_rows=True):
+    def __init__(self, model, batch_size, max_len, device=None, dtype=None, position_minor=False):
         p = model.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
         self.B, self.max_len = batch_size, max_len
         minor = lambda attn, name: position_minor and name in attn.position_minor
-        self.layers = [{name: self._zeros(batch_size, max_len, shape, minor(block.attn, name), pad_rows, device, dtype)
+        self.layers = [{name: self._zeros(batch_size, max_len, shape, minor(block.attn, name), device, dtype)
                         for name, shape in block.attn.cache_spec().items()} for block in model.transformer.h]
         self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.kv_len, self.fresh = max_len, False
@@ -575,19 +573,14 @@ class KVCache:
         self.mla_absorb = True  # MLA: absorbed (latent-space) decode; False materialises K and V
 
     @staticmethod
-    def _zeros(B, L, shape, minor, pad_rows, device, dtype):
-        """(B, L, *shape) zeros. minor: stored position-minor ((B, *shape, L8), viewed as (B, L, *shape)), so that a
-        feature's values over the positions are contiguous. L8 is L rounded up to a multiple of 8 (at most 7 unused
-        slots, not counted by nbytes): every feature's run then starts 16-byte aligned, which the kernels' 16-byte
-        copies need. pad_rows (position-major): each position's features padded with zeros to a multiple of 8
-        ((B, L, F8) storage, viewed as (B, L, *shape)), so that every position's row starts 16-byte aligned: FlashTPA
-        reads TPA's A rows (H * R features: 94 for Medium T6) with 16-byte copies."""
+    def _zeros(B, L, shape, minor, device, dtype):
+        """(B, L, *shape) zeros; minor: stored position-minor ((B, *shape, L8), viewed as (B, L, *shape)), so that a
+        feature's values over the positions are contiguous (FlashTPA streams TPA's A factors that way). L8 is L
+        rounded up to a multiple of 8 (at most 7 unused slots, not counted by nbytes): every feature's run then
+        starts 16-byte aligned, which the kernel's 16-byte copies need."""
         if minor:
             L8 = -(-L // 8) * 8
             return torch.zeros(B, *shape, L8, device=device, dtype=dtype)[..., :L].movedim(-1, 1)
-        F = math.prod(shape)
-        if pad_rows and F % 8:
-            return torch.zeros(B, L, -(-F // 8) * 8, device=device, dtype=dtype)[..., :F].view(B, L, *shape)
         return torch.zeros(B, L, *shape, device=device, dtype=dtype)
 
     def nbytes(self):

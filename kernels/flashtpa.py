@@ -13,10 +13,10 @@ Shapes (logical; any strides):
         q = (1/Rq) sum_r aq_r (x) bq_r,  k = (1/Rk) sum_r ak_r (x) bk_r,  v = (1/Rv) sum_r av_r (x) bv_r
     exactly as model.TPA defines them (spec 1.2).
 
-Preferred cache layout: the one model.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, with
-each position's row of H * R (or R * D) features padded to a multiple of 8 ((B, M, F8) storage viewed
-(B, M, H, R)): per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A in
-16-byte pieces. KVCache(position_minor=True) stores A as (B, H, R, M) instead (viewed (B, M, H, R)).
+Preferred cache layout: the one model.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, each
+contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A, in
+16-byte pieces when H * R is a multiple of 8. KVCache(position_minor=True) stores A as (B, H, R, M)
+instead (viewed (B, M, H, R)): 16-byte rows for any H * R (see the per-rank path below).
 
 Algorithm (spec 5.2, Algorithm 2, with a flash-decoding split over the cache): a program owns one
 sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms the rows'
@@ -29,9 +29,8 @@ contributes 0 instead of 0/0), and accumulates (p * a_V) @ b_V, again one produc
 ranks. The A tiles (a_K, a_V) reach the products' register layout through a product with the identity
 (I @ A, exact), which also makes Triton's pipeliner move them with cp.async through shared memory like
 the B tiles (it pipelines only loads that feed a product): rank-1 K/V stream three blocks of 128
-positions deep. For ranks 2-4, when every position's (H, R) block of A starts 16-byte aligned (a row stride
-that is a multiple of 8, padding readable) and one program holds all (query, head) rows, the kernel loads
-whole A rows (BLOCK_M, H * R rounded up to 8; the padding zeroed) and picks
+positions deep. For ranks 2-4, when a position's (H, R) block of A is 16-byte aligned (H * R a multiple of
+8) and one program holds all (query, head) rows, the kernel loads whole A rows (BLOCK_M, H * R) and picks
 each rank's (head, position) values with a selection product (one 1 per row: exact); the B factors are
 then loaded per rank, every load is a 16-byte cp.async in the pipeliner's ring. A position-minor A cache
 takes the same per-rank loop with each rank's (rows, positions) tile through an identity product. Other
@@ -158,8 +157,7 @@ if HAS_TRITON:
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
         A_DOT: tl.constexpr = False, PER_RANK: tl.constexpr = False, A_ROWS: tl.constexpr = False,
-        HRK_P: tl.constexpr = 16, HRV_P: tl.constexpr = 16, A_ALIGNED: tl.constexpr = False,
-        HRK_W: tl.constexpr = 16, HRV_W: tl.constexpr = 16,
+        HRK_P: tl.constexpr = 16, HRV_P: tl.constexpr = 16,
     ):
         if PDL:  # programmatic dependent launch: the combine (and what follows it) may launch now
             gdc_launch_dependents()
@@ -221,24 +219,15 @@ if HAS_TRITON:
         if PER_RANK and A_ROWS:  # the flattened (head, rank) column of an A factor row
             colk = tl.arange(0, HRK_P)
             colv = tl.arange(0, HRV_P)
-            if A_ALIGNED:  # every position's row starts 16-byte aligned (checked on the host): 16-byte copies
-                s_ak_b, s_ak_m = tl.multiple_of(s_ak_b, 8), tl.multiple_of(s_ak_m, 8)
-                s_av_b, s_av_m = tl.multiple_of(s_av_b, 8), tl.multiple_of(s_av_m, 8)
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + offs_m0
             if PER_RANK:  # one product per rank; every tile a plain 2-D block with 16-byte rows
                 ok_m = offs_m < end
                 if A_ROWS:  # whole A rows (BLOCK_M, H * R); a selection product picks each rank's heads
-                    # HRK_W, HRV_W >= H * R columns: a padded row (model.KVCache) is read whole, in 16-byte pieces,
-                    # and its padding zeroed (it may hold anything: 0 * nan would reach the product)
                     tk = tl.load(ak_ptr + b * s_ak_b + offs_m[:, None] * s_ak_m + colk[None, :],
-                                 mask=ok_m[:, None] & (colk[None, :] < HRK_W), other=0.0)  # (BLOCK_M, HRK_P)
+                                 mask=ok_m[:, None] & (colk[None, :] < H * RK), other=0.0)  # (BLOCK_M, HRK_P)
                     tv = tl.load(av_ptr + b * s_av_b + offs_m[:, None] * s_av_m + colv[None, :],
-                                 mask=ok_m[:, None] & (colv[None, :] < HRV_W), other=0.0)  # (BLOCK_M, HRV_P)
-                    if HRK_W != H * RK:
-                        tk = tl.where(colk[None, :] < H * RK, tk, 0.0)
-                    if HRV_W != H * RV:
-                        tv = tl.where(colv[None, :] < H * RV, tv, 0.0)
+                                 mask=ok_m[:, None] & (colv[None, :] < H * RV), other=0.0)  # (BLOCK_M, HRV_P)
                 s_log2 = tl.zeros((BLOCK_ROWS, BLOCK_M), dtype=tl.float32)
                 for r in tl.static_range(RK):  # sum_r a_K,r * (q . b_K,r)
                     bk = tl.load(bk_ptr + b * s_bk_b + offs_m[:, None] * s_bk_m + r * s_bk_r + offs_d[None, :] * s_bk_d,
@@ -368,18 +357,6 @@ def _num_sms(device):
     return _SM_COUNT[device.index]
 
 
-def _aligned_row_width(a, F):
-    """For an A factor (B, M, H, R) whose (H, R) block is contiguous (F = H * R features per position): F rounded up
-    to a multiple of 8 when every position's row starts 16-byte aligned and the storage holds the padding after
-    the last row (model.KVCache pads its rows that way: H = 47, R = 2 is 94 features in rows of 96), else None."""
-    W = -(-F // 8) * 8
-    B, M = a.shape[:2]
-    if a.data_ptr() % 16 or a.stride(1) % 8 or a.stride(1) < W or (B > 1 and a.stride(0) % 8):
-        return None
-    end = a.storage_offset() + (B - 1) * a.stride(0) + (M - 1) * a.stride(1) + W  # elements up to the last padding
-    return W if end * a.element_size() <= a.untyped_storage().nbytes() else None
-
-
 def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False):
     """(block_m, prefetch, a_dot, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune).
     per_rank (one product per rank, see flashtpa_decode_triton): 64 positions, 3 stages, 1 program per SM; 64 rows:
@@ -433,14 +410,13 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     # through selection products, or from a position-minor cache (stride 1 along M) through identity products
     rows_ok = row_blocks == 1 and ak.stride(2) == Rk and ak.stride(3) == 1 and av.stride(2) == Rv and av.stride(3) == 1
     pos_minor = ak.stride(1) == 1 and av.stride(1) == 1
-    wk, wv = _aligned_row_width(ak, H * Rk), _aligned_row_width(av, H * Rv)
-    aligned = rows_ok and wk is not None and wv is not None
     if a_rows is None:
         a_rows = rows_ok and not pos_minor
     elif a_rows and not rows_ok:
         raise ValueError("flashtpa_decode_triton(a_rows=True) needs A factors with a contiguous (H, R) block per "
                          "position and N * H <= 64")
     if per_rank is None:
+        aligned = H * Rk % 8 == 0 and H * Rv % 8 == 0  # 16-byte rows (H = 47, R = 2: 188 bytes: no cp.async)
         per_rank = (max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32 and max(D, E) <= 64
                     and (pos_minor or (a_rows and aligned)))
     bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, per_rank)
@@ -470,7 +446,6 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot,
         PER_RANK=per_rank, A_ROWS=a_rows and per_rank,
         HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
-        A_ALIGNED=aligned, HRK_W=wk if aligned else H * Rk, HRV_W=wv if aligned else H * Rv,
         num_warps=num_warps or 4, num_stages=num_stages or stages, **launch,
     )
     if not single:

@@ -173,37 +173,6 @@ def test_position_minor_cache(attn, use_kernel):
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("use_kernel", [True, "triton"], ids=["references", "kernels"])
-def test_padded_cache_rows(use_kernel):
-    """KVCache pads each position's row to a multiple of 8 features (3 heads x rank 2: 6 in rows of 8; what
-    FlashTPA's 16-byte copies need): same bytes reported, and the fused batch-1 step and decode_step give the
-    logits and cache contents of an unpadded cache."""
-    if use_kernel == "triton" and not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    model = randomize(tiny("tpa", n_head=3), std=0.1)
-    seq = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(6))
-    padded, plain = KVCache(model, 1, 12), KVCache(model, 1, 12, pad_rows=False)
-    ak = padded.layers[0]["ak"]
-    assert ak.shape == (1, 12, 3, 2) and ak.stride()[1:] == (8, 2, 1) and plain.layers[0]["ak"].stride(1) == 6
-    assert padded.nbytes() == plain.nbytes()
-    runs = []
-    for c, fused in ((plain, False), (padded, False), (padded, True)):
-        c = KVCache(model, 1, 12, pad_rows=c is padded)
-        c.use_kernel, c.fresh, c.kv_len = use_kernel, True, 4
-        model(seq[:, :4], all_logits=True, cache=c)
-        c.fresh = False
-        logits = []
-        for t in range(4, 12):
-            c.kv_len = t + 1
-            logits.append((model.fused_decode_step if fused else model.decode_step)(seq[:, t:t + 1], c))
-        runs.append((torch.stack(logits), c))
-    for logits, c in runs[1:]:
-        torch.testing.assert_close(logits, runs[0][0], rtol=1e-5, atol=1e-5)
-        for a, b in zip(c.layers, runs[0][1].layers):
-            for name in a:
-                torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-
-
 def run_half(model, seq, fused):
     cache = KVCache(model, 1, 12)
     cache.use_kernel, cache.fresh, cache.kv_len = "triton", True, 4

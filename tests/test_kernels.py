@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kernels import flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
-from kernels.flashtpa import HAS_TRITON, _aligned_row_width, flashtpa_decode_triton
+from kernels.flashtpa import HAS_TRITON, flashtpa_decode_triton
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,12 +22,9 @@ def factors(B, N, M, H, Rq, Rk, Rv, D, E, seed=0):
     return [r(B, N, H, Rq), r(B, N, Rq, D), r(B, M, H, Rk), r(B, M, Rk, D), r(B, M, H, Rv), r(B, M, Rv, E)]
 
 
-def check(t64, seqlens, dtype, atol, layout=None, **kw):
-    """layout: applied to the six inputs after the cast (to keep a storage layout that .to() would not)."""
+def check(t64, seqlens, dtype, atol, **kw):
     ref64 = flashtpa_decode_ref(*t64, seqlens=seqlens)
     low = [x.to(dtype).to(DEVICE) for x in t64]
-    if layout is not None:
-        low = layout(low)
     seq = None if seqlens is None else seqlens.to(DEVICE)
     out = flashtpa_decode_triton(*low, seqlens=seq, **kw).double().cpu()
     assert out.shape == ref64.shape and torch.isfinite(out).all()
@@ -118,44 +115,6 @@ def test_position_minor_cache_heuristics():
     t = position_minor(factors(1, 2, 300, 40, 6, 2, 2, 32, 32, seed=7))  # N * H = 80 rows: two row blocks
     check(t, torch.tensor([300]), torch.float16, atol=1e-4)
     check(t, torch.tensor([300]), torch.float32, atol=1e-6)
-
-
-def padded_rows(t, fill=float("nan")):
-    """A_K and A_V stored as model.KVCache keeps them: each position's H * R features in a row padded to a multiple
-    of 8 ((B, M, F8) storage viewed (B, M, H, R)), the padding filled with `fill`."""
-    t = list(t)
-    for i in (2, 4):
-        B, M, H, R = t[i].shape
-        rows = torch.full((B, M, -(-H * R // 8) * 8), fill, dtype=t[i].dtype, device=t[i].device)
-        rows[..., :H * R] = t[i].reshape(B, M, H * R)
-        t[i] = rows[..., :H * R].view(B, M, H, R)
-    return t
-
-
-@needs_triton
-def test_padded_a_rows():
-    """Padded A rows (H * R = 14 in rows of 16) whose padding holds NaN: the whole-row loop reads each row whole
-    and zeroes the padding (a NaN reaching the selection product would poison every output); the default
-    heuristics (per-rank products for fp16) and the other loop forms read only the H * R features."""
-    t = factors(2, 2, 150, 7, 6, 2, 2, 32, 16, seed=8)
-    ak = padded_rows(t)[2]
-    assert _aligned_row_width(ak, 14) == 16 and ak.stride(1) == 16
-    for dtype, atol in ((torch.float32, 1e-6), (torch.float16, 1e-4)):
-        for kw in (dict(per_rank=True, a_rows=True, num_splits=3, block_m=16), dict(), LOOP_FORMS["prefetch_a_dot"]):
-            check(t, torch.tensor([150, 61]), dtype, atol=atol, layout=padded_rows, **kw)
-
-
-def test_aligned_row_width():
-    """Rows are read padded only when every row starts 16-byte aligned and the storage holds the last padding."""
-    rows = torch.zeros(2, 10, 16, dtype=torch.float16)
-    assert _aligned_row_width(rows[..., :14].view(2, 10, 7, 2), 14) == 16
-    assert _aligned_row_width(rows.view(2, 10, 8, 2), 16) == 16  # no padding needed
-    odd = torch.zeros(2 * 10 * 14, dtype=torch.float16).view(2, 10, 7, 2)  # rows of 28 bytes
-    assert _aligned_row_width(odd, 14) is None
-    flat = torch.zeros(2 * 10 * 16 - 2, dtype=torch.float16)  # the last row's padding is past the storage
-    assert _aligned_row_width(flat.as_strided((2, 10, 7, 2), (160, 16, 2, 1)), 14) is None
-    assert _aligned_row_width(rows[:, :, 1:15].reshape(2, 10, 7, 2), 14) is None  # a copy: contiguous rows of 14
-    assert _aligned_row_width(rows[:, :, 1:15].view(2, 10, 7, 2), 14) is None  # rows start 2 bytes past alignment
 
 
 @needs_triton
