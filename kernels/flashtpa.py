@@ -357,8 +357,9 @@ def _num_sms(device):
     return _SM_COUNT[device.index]
 
 
-def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False):
-    """(block_m, prefetch, a_dot, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune).
+def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1):
+    """(block_m, prefetch, a_dot, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune)
+    unless said. programs: sequences x row blocks, the grid's other axes.
     per_rank (one product per rank, see flashtpa_decode_triton): 64 positions, 3 stages, 1 program per SM; 64 rows:
     32 positions, 3 stages, 2 per SM (H=47, B=1, 32K, position-minor A: 0.0132 ms vs 0.0159 position-major).
     A block's factor tiles have block_m * R_P rows: the rows are budgeted (64, or 32 for 4-byte or 128-wide
@@ -376,8 +377,10 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False):
     block_m = max(2, 16 // min(rk_p, rv_p), (32 if wide else 64) // r_p)
     if wide:  # wide tiles: no room for a second block in registers
         return block_m, False, False, 1, 2
-    if r_p == 1 and block_rows <= 32:  # rank-1 K/V: 128 positions (48 KB at H=32) per stage, 3 stages, 1 per SM
-        return 128, False, True, 3, 1
+    if r_p == 1 and block_rows <= 32:  # rank-1 K/V: 128 positions (48 KB at H=32) per stage, 3 stages; 1 program per
+        # SM for one sequence, 2 for several (H200, L2-cold, H=32: B=16 M=2^18 0.374 vs 0.396 ms, B=8 0.193 vs 0.203;
+        # B=1 M=2^16 0.0161 vs 0.0155)
+        return 128, False, True, 3, 1 if programs == 1 else 2
     if r_p == 1:  # 64 rows (H=48): 64 positions, 3 stages, 2 programs per SM (H200, B=16, M=2^16: 0.1217 vs
         return 64, False, True, 3, 2  # 0.1376 ms with 4 stages and 1 per SM; B=1, M=2^18: 0.0383 vs 0.0418)
     if r_p == 2:  # rank-2 K/V: the next block prefetched by hand into registers (B=1, M=32K, H=47: 0.0155 vs 0.0166)
@@ -419,7 +422,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
         aligned = H * Rk % 8 == 0 and H * Rv % 8 == 0  # 16-byte rows (H = 47, R = 2: 188 bytes: no cp.async)
         per_rank = (max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32 and max(D, E) <= 64
                     and (pos_minor or (a_rows and aligned)))
-    bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, per_rank)
+    bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, per_rank, B * row_blocks)
     if not per_rank and bm > 32 and B * row_blocks * triton.cdiv(M, bm) < _num_sms(dev):  # a short cache: more,
         bm = 32  # shorter splits (B=1, M=4096, H=32: 0.0064 vs 0.0083 ms with 128 positions)
     BLOCK_M = block_m or bm

@@ -8,10 +8,12 @@ Decode-attention benchmark (paper Sec. 6.2, Figure 5): one layer, one decode ste
 For B in {1, 8, 16}, d_model in {1024, 2048, 3072} (H = 16, 32, 48; D = 64) and M = 2^12 ... 2^19 (where the
 cache fits): FlashTPA with ranks (16,1,1) and (6,2,2), F.scaled_dot_product_attention (flash backend) for MHA,
 GQA with 4 KV heads and MQA, and absorbed MLA (latent 512 + RoPE 64, as FlashMLA) in PyTorch. Each time is the
-median of CUDA-graph replays (no launch overhead), and again with the L2 flushed before each call (`ms_l2_cold`:
-back-to-back replays of one call keep part of even a 100 MB cache in L2, which a model's decode step does not);
-bytes are what each method must read (cache, query), and the bandwidth is compared with a device-to-device copy
-measured in the same run.
+median of CUDA-graph replays of one call (`ms`; back-to-back replays keep part of even a 100 MB cache in the L2),
+and L2-cold (`ms_l2_cold`: calls on enough input copies in turn that each reads memory the L2 does not hold, as in a
+model's decode step); bytes are what each method must read (cache, query), and the bandwidth is compared with a
+device-to-device copy measured in the same run and with the floor (`floor_ms_l2_cold`: a pure-read kernel over the
+same bytes, L2-cold; `pct_floor_l2_cold` = floor / ms_l2_cold: at a small batch the launch, the first loads' latency
+and the ramp keep even a pure read well below the copy bandwidth).
 """
 
 import argparse
@@ -24,7 +26,11 @@ import torch.nn.functional as F
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
-from kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
+from kernels.flashtpa import HAS_TRITON, flashtpa_decode_ref, flashtpa_decode_triton
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
 
 DT = torch.bfloat16
 
@@ -74,50 +80,71 @@ def check_bf16():
     return rows
 
 
-def bench_case(method, B, H, M, D=64):
-    """(ms, bytes) of one decode step of `method` at batch B, H heads, cache length M; None if it does not fit."""
-    free = torch.cuda.mem_get_info()[0]
+def build_case(method, B, H, M, D=64):
+    """(fn, bytes): one decode step of `method` on fresh random inputs at batch B, H heads, cache length M, and
+    the bytes it must read (cache and query)."""
     if method.startswith("tpa"):
         Rq, Rk, Rv = {"tpa16": (16, 1, 1), "tpa6": (6, 2, 2)}[method]
-        shapes = [(B, 1, H, Rq), (B, 1, Rq, D), (B, M, H, Rk), (B, M, Rk, D), (B, M, H, Rv), (B, M, Rv, D)]
-        need = sum(math.prod(s) for s in shapes) * 2
-        if need > 0.8 * free:
-            return None
-        t = [rand(*s) for s in shapes]
-        fn = lambda: flashtpa_decode_triton(*t)
-    elif method == "mla":
+        t = [rand(*s) for s in ((B, 1, H, Rq), (B, 1, Rq, D), (B, M, H, Rk), (B, M, Rk, D), (B, M, H, Rv), (B, M, Rv, D))]
+        return (lambda: flashtpa_decode_triton(*t)), sum(x.numel() for x in t) * 2
+    if method == "mla":
         dc, dr = 512, 64
-        need = B * M * (dc + dr) * 2
-        if need > 0.8 * free:
-            return None
         q, kv = rand(B, H, 1, dc + dr), rand(B, M, dc + dr)  # absorbed query; cache [c_kv, k_pe]
         scale = (128 + dr) ** -0.5
 
         def fn():  # scores over the latent, softmax, values = the latent itself
             p = torch.softmax(torch.matmul(q.view(B, H, dc + dr), kv.transpose(1, 2)).float() * scale, -1).to(DT)
             return torch.matmul(p, kv[:, :, :dc])
-    else:
-        G = {"mha": H, "gqa4": 4, "mqa": 1}[method]
-        need = 2 * B * G * M * D * 2
-        if need > 0.8 * free:
-            return None
-        q, k, v = rand(B, H, 1, D), rand(B, G, M, D), rand(B, G, M, D)
-        fn = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=G != H)
-    fn()
-    return do_bench_cudagraph(fn, rep=100), l2_cold(fn), need
+        return fn, B * M * (dc + dr) * 2
+    G = {"mha": H, "gqa4": 4, "mqa": 1}[method]
+    q, k, v = rand(B, H, 1, D), rand(B, G, M, D), rand(B, G, M, D)
+    return (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=G != H)), 2 * B * G * M * D * 2
 
 
-def _graph_ms(body, n):
-    """Median ms of a CUDA graph that runs body() n times."""
+def case_bytes(method, B, H, M, D=64):
+    if method.startswith("tpa"):
+        Rq, Rk, Rv = {"tpa16": (16, 1, 1), "tpa6": (6, 2, 2)}[method]
+        return (B * H * Rq + B * Rq * D + B * M * (H * (Rk + Rv) + Rk * D + Rv * D)) * 2
+    if method == "mla":
+        return B * M * (512 + 64) * 2
+    return 2 * B * {"mha": H, "gqa4": 4, "mqa": 1}[method] * M * D * 2
+
+
+if HAS_TRITON:
+    @triton.jit
+    def _read_kernel(x_ptr, out_ptr, n, per_program, BLOCK: tl.constexpr):
+        # each program sums its contiguous share of x (16-byte loads): a pure read, the floor for reading n elements
+        lo = tl.program_id(0).to(tl.int64) * per_program
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i in range(lo, tl.minimum(lo + per_program, n), BLOCK):
+            o = i + tl.arange(0, BLOCK)
+            acc += tl.load(x_ptr + o, mask=o < n, other=0.0).to(tl.float32)
+        tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc)
+
+
+def read_floor_fn(nbytes, programs_per_sm):
+    """A pure-read kernel over nbytes (fresh memory): what any kernel needs to read that many bytes once."""
+    x = torch.empty(max(1, nbytes // 2), dtype=DT, device="cuda")
+    BLOCK = 2048
+    programs = programs_per_sm * torch.cuda.get_device_properties(0).multi_processor_count
+    per = triton.cdiv(triton.cdiv(x.numel(), programs), BLOCK) * BLOCK
+    out = torch.empty(programs * BLOCK, device="cuda")
+    return lambda: _read_kernel[(programs,)](x, out, x.numel(), per, BLOCK=BLOCK, num_warps=8)
+
+
+def _graph_ms(fns, min_calls=20):
+    """Median ms per call of a CUDA graph that calls fns in turn (repeated up to min_calls calls)."""
+    calls = list(fns) * max(1, -(-min_calls // len(fns)))
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        body()
+        for fn in fns:
+            fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for _ in range(n):
-            body()
+        for fn in calls:
+            fn()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     times = []
     for _ in range(7):
@@ -126,17 +153,30 @@ def _graph_ms(body, n):
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
-    return sorted(times)[3]
+    return sorted(times)[3] / len(calls)
 
 
-def l2_cold(fn, n=20):
-    """ms per call with the L2 flushed before each call, as inside a model, where other kernels' data sits in L2
-    (back-to-back replays of one call leave part of even a 100 MB cache there): a graph of n (flush, call) pairs
-    minus a graph of n flushes; the flush writes 4x the L2's size."""
-    flush = torch.empty(torch.cuda.get_device_properties(0).L2_cache_size, dtype=torch.float32, device="cuda")
-    both = _graph_ms(lambda: (flush.zero_(), fn()), n)
-    alone = _graph_ms(flush.zero_, n)
-    return (both - alone) / n if both > alone else float("nan")  # nan: the flush's noise hid the call
+def bench_case(method, B, H, M, D=64):
+    """(ms warm, ms L2-cold, floor ms L2-cold, bytes) of one decode step of `method`; None if it does not fit.
+    Warm: replays of one call on the same inputs (part of even a 100 MB cache stays in the L2). L2-cold: calls on
+    n_sets input copies in turn (n_sets x bytes >= 3x the L2), so each call reads memory that the previous calls
+    evicted, clean, as in a model's decode step where other layers' weights and caches pass through the L2. Floor: a
+    pure-read kernel over the same bytes, timed the same way (the best of 2, 4, 8 programs per SM)."""
+    need = case_bytes(method, B, H, M, D)
+    free = torch.cuda.mem_get_info()[0]
+    if need > 0.8 * free:
+        return None
+    fn, nbytes = build_case(method, B, H, M, D)
+    fn()
+    warm = do_bench_cudagraph(fn, rep=100)
+    n_sets = min(max(2, -(-3 * torch.cuda.get_device_properties(0).L2_cache_size // need)), int(0.8 * free // need))
+    if n_sets < 2:  # a cache of 40% of the memory: the L2 holds none of it, warm is cold
+        return warm, warm, min(_graph_ms([read_floor_fn(need, p)]) for p in (2, 4, 8)), nbytes
+    fns = [fn] + [build_case(method, B, H, M, D)[0] for _ in range(n_sets - 1)]
+    cold = _graph_ms(fns)
+    del fns
+    floor = min(_graph_ms([read_floor_fn(need, p) for _ in range(n_sets)]) for p in (2, 4, 8))
+    return warm, cold, floor, nbytes
 
 
 def tune():
@@ -178,14 +218,19 @@ def plot(rows, path):
         for j, d in enumerate(ds):
             ax = axes[i][j]
             for method in dict.fromkeys(r["method"] for r in rows):
-                pts = [(r["M"], r["ms"]) for r in rows if r["B"] == B and r["d_model"] == d and r["method"] == method]
+                pts = [(r["M"], r["ms_l2_cold"]) for r in rows
+                       if r["B"] == B and r["d_model"] == d and r["method"] == method]
                 if pts:
                     ax.plot(*zip(*pts), marker="o", ms=3, label=method)
+            pts = [(r["M"], r["floor_ms_l2_cold"]) for r in rows
+                   if r["B"] == B and r["d_model"] == d and r["method"] == "tpa16"]
+            if pts:  # what a pure read of FlashTPA (16,1,1)'s bytes takes
+                ax.plot(*zip(*pts), ls=":", color="gray", label="pure read, tpa16 bytes")
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
             ax.set_title(f"B={B}, d_model={d} (H={d // 64})")
             ax.set_xlabel("cache length M")
-            ax.set_ylabel("ms per decode step")
+            ax.set_ylabel("ms per decode step (L2-cold)")
             ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
@@ -232,11 +277,13 @@ def main():
                     torch.cuda.empty_cache()
                     if res is None:
                         continue
-                    ms, ms_cold, nbytes = res
+                    ms, ms_cold, floor, nbytes = res
                     rows.append(dict(device=name, B=B, d_model=d, H=H, M=M, method=method, ms=ms, bytes=nbytes,
                                      GBps=nbytes / (ms * 1e-3) / 1e9, pct_copy_bw=100 * nbytes / (ms * 1e-3) / bw,
-                                     ms_l2_cold=ms_cold, pct_copy_bw_l2_cold=100 * nbytes / (ms_cold * 1e-3) / bw))
-                print(" | ".join(f"{r['method']} {r['ms']:.4f} ms ({r['pct_copy_bw']:.0f}%; cold {r['ms_l2_cold']:.4f})"
+                                     ms_l2_cold=ms_cold, pct_copy_bw_l2_cold=100 * nbytes / (ms_cold * 1e-3) / bw,
+                                     floor_ms_l2_cold=floor, pct_floor_l2_cold=100 * floor / ms_cold))
+                print(" | ".join(f"{r['method']} {r['ms']:.4f} ms ({r['pct_copy_bw']:.0f}%; cold {r['ms_l2_cold']:.4f}, "
+                                 f"{r['pct_floor_l2_cold']:.0f}% of floor)"
                                  for r in rows if (r["B"], r["d_model"], r["M"]) == (B, d, M)),
                       f"<- B={B} d={d} M=2^{int(math.log2(M))}", flush=True)
             write_csv(rows, args.out)  # after every panel: a sweep cut short keeps what it measured
@@ -252,7 +299,7 @@ def main():
         for method in methods:
             r = [r for r in rows if (r["B"], r["d_model"], r["M"], r["method"]) == (B, d, M, method)]
             cells.append(f"{r[0]['ms']:.4f} ms ({r[0]['pct_copy_bw']:.0f}%; L2-cold {r[0]['ms_l2_cold']:.4f} ms, "
-                         f"{r[0]['pct_copy_bw_l2_cold']:.0f}%)" if r else "-")
+                         f"{r[0]['pct_copy_bw_l2_cold']:.0f}%, floor {r[0]['floor_ms_l2_cold']:.4f})" if r else "-")
         print(f"| {B} | {d} | 2^{int(math.log2(M))} | " + " | ".join(cells) + " |")
 
 
