@@ -171,8 +171,10 @@ def bench_case(method, B, H, M, D=64):
     warm = do_bench_cudagraph(fn, rep=100)
     n_sets = min(max(2, -(-3 * torch.cuda.get_device_properties(0).L2_cache_size // need)), int(0.8 * free // need))
     if n_sets < 2:  # a cache of 40% of the memory: the L2 holds none of it, warm is cold
+        del fn  # (its inputs' memory is the floor's)
         return warm, warm, min(_graph_ms([read_floor_fn(need, p)]) for p in (2, 4, 8)), nbytes
     fns = [fn] + [build_case(method, B, H, M, D)[0] for _ in range(n_sets - 1)]
+    del fn
     cold = _graph_ms(fns)
     del fns
     floor = min(_graph_ms([read_floor_fn(need, p) for _ in range(n_sets)]) for p in (2, 4, 8))
