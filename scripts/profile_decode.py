@@ -5,11 +5,16 @@ a Medium model (random weights, bf16), on a CUDA GPU.
     python -m scripts.profile_decode                        # T6, batch 1, 32K context
     python -m scripts.profile_decode --attn=mha --B=16 --context=8192
     python -m scripts.profile_decode --fused               # T6's batch-1 fused step (GPT.fused_decode_step)
+    python -m scripts.profile_decode --ablate              # the fused step timed whole, without FlashTPA's
+                                                           # combine, and without attention (timing only)
 
 Prints the kernels per step, the kernel time per step by group (matrix-vector products, FlashTPA, its combine,
 cache writes, other fused kernels) and the top kernels. Kernel times under the profiler run ~10% above an
 unprofiled step (scripts/bench_generate.py times those); with the fused step's dependent launches, kernels overlap
-and their times add up to more than the step.
+and their times add up to more than the step. --ablate answers the question without the profiler's overlap: the
+fused step (batch 1) timed as scripts/bench_generate.py times it, whole, with FlashTPA's combine kernel not launched,
+and with attention replaced by an empty output (the matrix-vector chain alone); the results of the ablated steps
+are wrong by construction and only their times are used.
 """
 
 import argparse
@@ -18,8 +23,11 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import kernels.flashtpa
+import model as model_module
 from model import KVCache
-from scripts.bench_generate import build
+from scripts.bench_decode import copy_bandwidth
+from scripts.bench_generate import build, time_decode
 
 GROUPS = [("matrix-vector (kernels/gemv.py)", ("_gemv_kernel", "_gemv_factors_kernel")),
           ("FlashTPA", ("_flashtpa_decode_kernel",)),
@@ -35,8 +43,11 @@ def main():
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--fused", action="store_true", help="profile GPT.fused_decode_step (batch-1 T6)")
+    parser.add_argument("--ablate", action="store_true", help="time the fused step whole and with parts left out")
     args = parser.parse_args()
     model = build(args.attn, args.context + 64)
+    if args.ablate:
+        return ablate(model, args.context)
     cache = KVCache(model, args.B, args.context + 40)
     for layer in cache.layers:
         for t in layer.values():
@@ -68,6 +79,37 @@ def main():
     for group, ms in sorted(by_group.items(), key=lambda kv: -kv[1]):
         print(f"| {group} | {count[group] / n:.0f} | {ms:.3f} |")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=70))
+
+
+class _NotLaunched:
+    """Stands in for a Triton kernel: kernel[grid](...) does nothing."""
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+@torch.no_grad()
+def ablate(model, context):
+    bw = copy_bandwidth()
+    weights = model.num_params() * model.lm_head.weight.element_size()
+    combine, attention = kernels.flashtpa._flashtpa_combine_kernel, model_module.flashtpa_decode
+    empty = lambda aq, bq, ak, bk, av, bv, **kwargs: aq.new_empty(*aq.shape[:3], bv.shape[-1])
+    rows = []
+    try:
+        for name, comb, attn in [("whole step", combine, attention), ("FlashTPA's combine not launched", _NotLaunched(),
+                                 attention), ("attention left out (matrix-vector chain)", combine, empty)]:
+            kernels.flashtpa._flashtpa_combine_kernel, model_module.flashtpa_decode = comb, attn
+            res = time_decode(model, 1, context, "fused graph")
+            if res is None:
+                raise SystemExit("--ablate times the fused batch-1 step: --attn=tpa or tpa_kvonly")
+            ms, cache_bytes = res
+            rows.append((name, ms))
+    finally:
+        kernels.flashtpa._flashtpa_combine_kernel, model_module.flashtpa_decode = combine, attention
+    print(f"{torch.cuda.get_device_name()}: fused batch-1 step, context {context}, copy {bw / 1e9:.0f} GB/s; bounds: "
+          f"weights {weights / bw * 1e3:.3f} ms, weights + cache {(weights + cache_bytes) / bw * 1e3:.3f} ms")
+    print("| step | ms |\n|---|---|")
+    for name, ms in rows:
+        print(f"| {name} | {ms:.4f} |")
 
 
 if __name__ == "__main__":
