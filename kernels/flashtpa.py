@@ -378,8 +378,8 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1):
     if wide:  # wide tiles: no room for a second block in registers
         return block_m, False, False, 1, 2
     if r_p == 1 and block_rows <= 32:  # rank-1 K/V: 128 positions (48 KB at H=32) per stage, 3 stages; 1 program per
-        # SM for one sequence, 2 for several (H200, L2-cold, H=32: B=16 M=2^18 0.374 vs 0.396 ms, B=8 0.193 vs 0.203;
-        # B=1 M=2^16 0.0161 vs 0.0155)
+        # SM for one sequence, 2 for several (H200, L2-cold, H=32, 2 vs 1 per SM: B=16 M=2^18 0.374 vs 0.396 ms,
+        # B=8 0.193 vs 0.203; B=1 M=2^16 0.0161 vs 0.0155)
         return 128, False, True, 3, 1 if programs == 1 else 2
     if r_p == 1:  # 64 rows (H=48): 64 positions, 3 stages, 2 programs per SM (H200, B=16, M=2^16: 0.1217 vs
         return 64, False, True, 3, 2  # 0.1376 ms with 4 stages and 1 per SM; B=1, M=2^18: 0.0383 vs 0.0418)

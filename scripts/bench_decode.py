@@ -23,14 +23,12 @@ import os
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
-from kernels.flashtpa import HAS_TRITON, flashtpa_decode_ref, flashtpa_decode_triton
-
-if HAS_TRITON:
-    import triton
-    import triton.language as tl
+from kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
 
 DT = torch.bfloat16
 
@@ -80,13 +78,26 @@ def check_bf16():
     return rows
 
 
+RANKS = {"tpa16": (16, 1, 1), "tpa6": (6, 2, 2)}
+KV_HEADS = {"gqa4": 4, "mqa": 1}  # mha: H
+
+
+def case_bytes(method, B, H, M, D=64):
+    """The bytes one decode step of `method` must read (cache and query)."""
+    if method in RANKS:
+        Rq, Rk, Rv = RANKS[method]
+        return (B * H * Rq + B * Rq * D + B * M * (H * (Rk + Rv) + Rk * D + Rv * D)) * 2
+    if method == "mla":
+        return B * M * (512 + 64) * 2
+    return 2 * B * KV_HEADS.get(method, H) * M * D * 2
+
+
 def build_case(method, B, H, M, D=64):
-    """(fn, bytes): one decode step of `method` on fresh random inputs at batch B, H heads, cache length M, and
-    the bytes it must read (cache and query)."""
-    if method.startswith("tpa"):
-        Rq, Rk, Rv = {"tpa16": (16, 1, 1), "tpa6": (6, 2, 2)}[method]
+    """One decode step of `method` on fresh random inputs at batch B, H heads, cache length M (a function)."""
+    if method in RANKS:
+        Rq, Rk, Rv = RANKS[method]
         t = [rand(*s) for s in ((B, 1, H, Rq), (B, 1, Rq, D), (B, M, H, Rk), (B, M, Rk, D), (B, M, H, Rv), (B, M, Rv, D))]
-        return (lambda: flashtpa_decode_triton(*t)), sum(x.numel() for x in t) * 2
+        return lambda: flashtpa_decode_triton(*t)
     if method == "mla":
         dc, dr = 512, 64
         q, kv = rand(B, H, 1, dc + dr), rand(B, M, dc + dr)  # absorbed query; cache [c_kv, k_pe]
@@ -95,31 +106,21 @@ def build_case(method, B, H, M, D=64):
         def fn():  # scores over the latent, softmax, values = the latent itself
             p = torch.softmax(torch.matmul(q.view(B, H, dc + dr), kv.transpose(1, 2)).float() * scale, -1).to(DT)
             return torch.matmul(p, kv[:, :, :dc])
-        return fn, B * M * (dc + dr) * 2
-    G = {"mha": H, "gqa4": 4, "mqa": 1}[method]
+        return fn
+    G = KV_HEADS.get(method, H)
     q, k, v = rand(B, H, 1, D), rand(B, G, M, D), rand(B, G, M, D)
-    return (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=G != H)), 2 * B * G * M * D * 2
+    return lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=G != H)
 
 
-def case_bytes(method, B, H, M, D=64):
-    if method.startswith("tpa"):
-        Rq, Rk, Rv = {"tpa16": (16, 1, 1), "tpa6": (6, 2, 2)}[method]
-        return (B * H * Rq + B * Rq * D + B * M * (H * (Rk + Rv) + Rk * D + Rv * D)) * 2
-    if method == "mla":
-        return B * M * (512 + 64) * 2
-    return 2 * B * {"mha": H, "gqa4": 4, "mqa": 1}[method] * M * D * 2
-
-
-if HAS_TRITON:
-    @triton.jit
-    def _read_kernel(x_ptr, out_ptr, n, per_program, BLOCK: tl.constexpr):
-        # each program sums its contiguous share of x (16-byte loads): a pure read, the floor for reading n elements
-        lo = tl.program_id(0).to(tl.int64) * per_program
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for i in range(lo, tl.minimum(lo + per_program, n), BLOCK):
-            o = i + tl.arange(0, BLOCK)
-            acc += tl.load(x_ptr + o, mask=o < n, other=0.0).to(tl.float32)
-        tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc)
+@triton.jit
+def _read_kernel(x_ptr, out_ptr, n, per_program, BLOCK: tl.constexpr):
+    # each program sums its contiguous share of x (16-byte loads): a pure read, the floor for reading n elements
+    lo = tl.program_id(0).to(tl.int64) * per_program
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(lo, tl.minimum(lo + per_program, n), BLOCK):
+        o = i + tl.arange(0, BLOCK)
+        acc += tl.load(x_ptr + o, mask=o < n, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tl.program_id(0) * BLOCK + tl.arange(0, BLOCK), acc)
 
 
 def read_floor_fn(nbytes, programs_per_sm):
@@ -166,19 +167,19 @@ def bench_case(method, B, H, M, D=64):
     free = torch.cuda.mem_get_info()[0]
     if need > 0.8 * free:
         return None
-    fn, nbytes = build_case(method, B, H, M, D)
+    fn = build_case(method, B, H, M, D)
     fn()
     warm = do_bench_cudagraph(fn, rep=100)
     n_sets = min(max(2, -(-3 * torch.cuda.get_device_properties(0).L2_cache_size // need)), int(0.8 * free // need))
     if n_sets < 2:  # a cache of 40% of the memory: the L2 holds none of it, warm is cold
         del fn  # (its inputs' memory is the floor's)
-        return warm, warm, min(_graph_ms([read_floor_fn(need, p)]) for p in (2, 4, 8)), nbytes
-    fns = [fn] + [build_case(method, B, H, M, D)[0] for _ in range(n_sets - 1)]
+        return warm, warm, min(_graph_ms([read_floor_fn(need, p)]) for p in (2, 4, 8)), need
+    fns = [fn] + [build_case(method, B, H, M, D) for _ in range(n_sets - 1)]
     del fn
     cold = _graph_ms(fns)
     del fns
     floor = min(_graph_ms([read_floor_fn(need, p) for _ in range(n_sets)]) for p in (2, 4, 8))
-    return warm, cold, floor, nbytes
+    return warm, cold, floor, need
 
 
 def tune():
