@@ -2,7 +2,8 @@
 Decode-attention benchmark (paper Sec. 6.2, Figure 5): one layer, one decode step, on a CUDA GPU.
 
     python -m scripts.bench_decode                       # the full sweep -> benchmarks/decode.csv, decode.png
-    python -m scripts.bench_decode --quick               # d_model 2048, B 1/8/16, M 2^12, 2^16, 2^18 (~2 min)
+    python -m scripts.bench_decode --quick               # d_model 2048, B 1/8/16, M 2^12, 2^16, 2^18 (~2 min),
+                                                         # -> benchmarks/decode_quick.csv
     python -m scripts.bench_decode --check_only          # bf16 correctness of the kernel only
 
 For B in {1, 8, 16}, d_model in {1024, 2048, 3072} (H = 16, 32, 48; D = 64) and M = 2^12 ... 2^19 (where the
@@ -254,10 +255,12 @@ def main():
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--check_only", action="store_true")
     parser.add_argument("--tune", action="store_true", help="time the kernel's tile options on a few shapes")
-    parser.add_argument("--out", default="benchmarks/decode.csv")
+    parser.add_argument("--out", default=None, help="CSV path (default benchmarks/decode.csv, with --quick "
+                        "benchmarks/decode_quick.csv: a quick run never replaces the full sweep's file)")
     parser.add_argument("--Bs", default="1,8,16", help="batch sizes of the full sweep")
     parser.add_argument("--d_models", default="1024,2048,3072", help="model widths of the full sweep (H = d_model / 64)")
     args = parser.parse_args()
+    args.out = args.out or ("benchmarks/decode_quick.csv" if args.quick else "benchmarks/decode.csv")
     name = torch.cuda.get_device_name()
     if args.tune:
         return tune()
