@@ -118,6 +118,18 @@ def test_position_minor_cache_heuristics():
 
 
 @needs_triton
+def test_rank1_tiles_per_batch():
+    """Rank-1 K/V with <= 32 rows: 1 program per SM for one sequence, 2 for several (split count follows); a batch
+    through those default tiles, ragged lengths, matches the reference."""
+    from kernels.flashtpa import _tiles
+    assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=1)[4] == 1
+    assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=16)[4] == 2
+    t = factors(3, 1, 300, 16, 16, 1, 1, 32, 32, seed=3)  # 16 rows per sequence
+    check(t, torch.tensor([300, 211, 1]), torch.float16, atol=1e-4)
+    check(t, torch.tensor([300, 211, 1]), torch.float32, atol=1e-6)
+
+
+@needs_triton
 def test_a_rows_needs_contiguous_a_rows():
     t = [x.float() for x in factors(1, 1, 40, 6, 2, 2, 2, 16, 16)]
     t[2] = torch.randn(1, 40, 2, 6).transpose(2, 3)  # rank-major A_K: a position's (H, R) block is not contiguous
