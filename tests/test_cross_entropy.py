@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.cross_entropy import HAS_TRITON, cross_entropy_loss
+from kernels.cross_entropy import HAS_TRITON, cross_entropy_loss, linear_cross_entropy
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,3 +64,53 @@ def test_custom_op_registration():
     logits = torch.randn(6, 50).to(DEVICE).requires_grad_(True)
     t = torch.tensor([1, -1, 3, 49, 0, 7]).to(DEVICE)
     torch.library.opcheck(torch.ops.tpa.cross_entropy_rows.default, (logits, t, -1), test_utils=OPCHECK_UTILS)
+
+
+def linear_loss_and_grads(x, w, targets, impl):
+    x, w = x.detach().requires_grad_(True), w.detach().requires_grad_(True)
+    loss = linear_cross_entropy(x, w, targets, ignore_index=-1, impl=impl)
+    (2.5 * loss).backward()  # a non-unit upstream gradient, as under gradient accumulation
+    return loss, x.grad, w.grad
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N,C,V", [(5, 16, 37), (6, 32, 5000), (1, 8, 4100)])
+def test_linear_cross_entropy_matches_fp64(N, C, V, dtype):
+    """The fused linear + cross-entropy (the gradient written over the logits in the forward) against fp64."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(N, C + 2, generator=g, dtype=torch.float64)[:, 1:C + 1]  # a strided view
+    w = torch.randn(V, C, generator=g, dtype=torch.float64) / C ** 0.5 * 3
+    targets = torch.randint(0, V, (N,), generator=g)
+    targets[N // 2] = -1 if N > 1 else targets[0]  # an ignored row
+    targets[-1] = V - 1
+    ref64 = linear_loss_and_grads(x, w, targets, "ref")
+    x_low, w_low, t = x.to(dtype).to(DEVICE), w.to(dtype).to(DEVICE), targets.to(DEVICE)
+    got, ref_low = linear_loss_and_grads(x_low, w_low, t, "triton"), linear_loss_and_grads(x_low, w_low, t, "ref")
+    assert got[0].dtype == torch.float32 and got[1].dtype == got[2].dtype == dtype
+    for name, a, r, rl in zip(("loss", "dx", "dw"), got, ref64, ref_low):
+        err = (a.double().cpu() - r).abs().max().item()
+        ref_err = (rl.double().cpu() - r).abs().max().item()
+        tol = 2 * ref_err + 8 * torch.finfo(torch.float32).eps * r.abs().max().item()
+        assert err <= tol, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + 8 fp32 ulps"
+    if N > 1:
+        assert got[1][N // 2].abs().max() == 0  # the ignored row's input gets no gradient
+
+
+@needs_triton
+def test_linear_cross_entropy_autocast_and_errors():
+    x, w, t = torch.randn(4, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE), torch.tensor([1, -1, 3, 29], device=DEVICE)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float16):  # cast to its dtype
+        loss = linear_cross_entropy(x, w, t, impl="triton")
+    torch.testing.assert_close(loss, linear_cross_entropy(x, w, t, impl="ref"), rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="x is torch.float16 and weight torch.float32"):
+        linear_cross_entropy(x.half(), w, t, impl="triton")
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        linear_cross_entropy(x, w, t, impl="cuda")
+
+
+@needs_triton
+def test_linear_custom_op_registration():
+    x, w = torch.randn(6, 8).to(DEVICE).requires_grad_(True), torch.randn(50, 8).to(DEVICE).requires_grad_(True)
+    t = torch.tensor([1, -1, 3, 49, 0, 7]).to(DEVICE)
+    torch.library.opcheck(torch.ops.tpa.linear_cross_entropy_rows.default, (x, w, t, -1), test_utils=OPCHECK_UTILS)

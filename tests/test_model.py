@@ -53,6 +53,39 @@ def test_forward_backward(attn, opts):
         assert p.grad.abs().sum() > 0, f"{name} gets no gradient"
 
 
+@pytest.mark.parametrize("impl", ["ref", "triton"])
+def test_training_loss_path(impl, monkeypatch):
+    """Training's call (return_logits=False, autograd on) goes through kernels.linear_cross_entropy (the logits
+    never kept; "triton": the kernel, in the interpreter on CPU): the same loss and gradients as the logits path."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    import model as model_module
+    from kernels import linear_cross_entropy
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return linear_cross_entropy(*args, impl=impl, **kwargs)
+    monkeypatch.setattr(model_module, "linear_cross_entropy", spy)
+    model = randomize(tiny("tpa"))
+    idx = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, V, (2, 24), generator=torch.Generator().manual_seed(1))
+    targets[0, :5] = -1  # ignored positions
+    grads = []
+    for return_logits in (True, False):
+        model.zero_grad()
+        loss = model(idx, targets, return_logits=return_logits)[1]
+        (3 * loss).backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    assert len(calls) == 1  # the training call only
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation: the loss alone
+        model(idx, targets, return_logits=False)
+    assert len(calls) == 1
+
+
 @pytest.mark.parametrize("attn,opts", VARIANTS, ids=IDS)
 def test_causal(attn, opts):
     model = randomize(tiny(attn, **opts))
