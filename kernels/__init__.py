@@ -10,5 +10,6 @@ from kernels.materialize import tpa_materialize, tpa_materialize_ref
 from kernels.rope import apply_rope, apply_rope_ref
 
 __all__ = ["HAS_TRITON", "apply_rope", "apply_rope_ref", "cross_entropy_loss", "cross_entropy_loss_ref", "flashtpa_decode",
-           "flashtpa_decode_einsum", "flashtpa_decode_ref", "linear_cross_entropy", "linear_cross_entropy_ref", "linear_factors", "linear_factors_ref", "linear_one_row",
-           "linear_one_row_ref", "tpa_materialize", "tpa_materialize_ref", "write_rows", "write_rows_ref"]
+           "flashtpa_decode_einsum", "flashtpa_decode_ref", "linear_cross_entropy", "linear_cross_entropy_ref",
+           "linear_factors", "linear_factors_ref", "linear_one_row", "linear_one_row_ref", "tpa_materialize",
+           "tpa_materialize_ref", "write_rows", "write_rows_ref"]

@@ -99,7 +99,8 @@ def test_linear_cross_entropy_matches_fp64(N, C, V, dtype):
 
 @needs_triton
 def test_linear_cross_entropy_autocast_and_errors():
-    x, w, t = torch.randn(4, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE), torch.tensor([1, -1, 3, 29], device=DEVICE)
+    x, w = torch.randn(4, 8, device=DEVICE), torch.randn(30, 8, device=DEVICE)
+    t = torch.tensor([1, -1, 3, 29], device=DEVICE)
     with torch.autocast(DEVICE, dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float16):  # cast to its dtype
         loss = linear_cross_entropy(x, w, t, impl="triton")
     torch.testing.assert_close(loss, linear_cross_entropy(x, w, t, impl="ref"), rtol=0.05, atol=0.05)
