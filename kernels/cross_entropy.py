@@ -156,7 +156,9 @@ if HAS_TRITON:
         # the small operands, never to the (N, V) gradient
         x, w, G = ctx.saved_tensors
         g = g_loss.float()[:, None]  # fp32: 1 / (rows x micro-steps) need not be exact in bf16
-        return (torch.mm(G, w) * g).to(x.dtype), torch.mm(G.t(), (x * g).to(x.dtype)), None, None
+        dx = (torch.mm(G, w) * g).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = torch.mm(G.t(), (x * g).to(x.dtype)) if ctx.needs_input_grad[1] else None  # (a frozen head: none)
+        return dx, dw, None, None
 
     _linear_ce_rows_op.register_autograd(_lce_backward, setup_context=_lce_setup)
 
