@@ -15,6 +15,16 @@ from model import GPT, KVCache, model_config, sample_logits
 from test_model import IDS, V, VARIANTS, randomize, tiny
 
 
+@pytest.fixture(autouse=True)
+def _interpreter_gemv_tiles(monkeypatch):
+    """The Triton interpreter runs a grid's programs one after another: on CPU the model-level tests here run the
+    matrix-vector kernels with 16 rows per program (8x fewer programs than the GPU's 2 or 4, the same kernel code);
+    tests/test_gemv.py checks those kernels with the GPU's tiles."""
+    if not torch.cuda.is_available():
+        import kernels.gemv
+        monkeypatch.setattr(kernels.gemv, "TILES", {False: (16, 4), True: (16, 4)})
+
+
 def full_vs_cached_logits(model, seq, prefill, **cache_opts):
     """Relative error of cached logits (prefill, then one token at a time) against one full forward."""
     full = model(seq, all_logits=True)[0]
