@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_factors,
-                     linear_one_row, tpa_materialize, write_rows)
+                     linear_one_row, swiglu, tpa_materialize, write_rows)
 
 
 # -----------------------------------------------------------------------------
@@ -221,8 +221,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(self.hidden, config.n_embd)
 
     def forward(self, x):
-        gate, up = self.c_fc(x).split(self.hidden, dim=-1)
-        return self.c_proj(F.silu(gate) * up)
+        return self.c_proj(swiglu(self.c_fc(x)))  # silu(gate) * up; a Triton op on CUDA (kernels/mlp.py)
 
 
 class Attention(nn.Module):

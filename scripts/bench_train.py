@@ -5,7 +5,9 @@ Training throughput: runs train.py for a few iterations per setting and reads it
     python -m scripts.bench_train --data_dir=data/wiki --runs=medium_tpa:20,xl_tpa:6
     python -m scripts.bench_train --data_dir=data/wiki --runs=small_tpa:16 --nproc=2   # DDP scaling
 
-A run is config_name:micro_batch (one micro-step per GPU per iteration, compiled, bf16 autocast). Reported:
+A run is config_name:micro_batch (one micro-step per GPU per iteration, compiled, bf16 autocast; --grad_accum=K
+makes K micro-steps per GPU per iteration, as the configs' global batch does: the optimizer step is then shared by
+K micro-steps). Reported:
 the median tokens/s and MFU of the log lines after the first (compilation is excluded by train.py), and the
 peak memory. With --nproc > 1 each run is also made on 1 GPU and the scaling efficiency is printed.
 """
@@ -18,12 +20,12 @@ import subprocess
 import sys
 
 
-def run(config, micro_batch, nproc, data_dir, iters, out_root, extra):
-    out_dir = os.path.join(out_root, f"{config}_mb{micro_batch}_x{nproc}")
+def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum=1):
+    out_dir = os.path.join(out_root, f"{config}_mb{micro_batch}_x{nproc}" + (f"_ga{grad_accum}" if grad_accum > 1 else ""))
     cmd = [sys.executable, "train.py"] if nproc == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py"]
     cmd += [f"config/{config}.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", f"--batch_size={micro_batch}",
-            f"--gradient_accumulation_steps={nproc}", f"--max_iters={iters}", "--log_interval=10",
+            f"--gradient_accumulation_steps={grad_accum * nproc}", f"--max_iters={iters}", "--log_interval=10",
             f"--eval_interval={10 * iters}", "--eval_tokens=65536", "--keep_checkpoints=1", "--warmup_iters=10"] + extra
     p = subprocess.run(cmd, capture_output=True, text=True)
     if p.returncode != 0:
@@ -32,7 +34,7 @@ def run(config, micro_batch, nproc, data_dir, iters, out_root, extra):
     logs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     steps = [m for m in logs if "tokens_per_s" in m][1:] or [m for m in logs if "tokens_per_s" in m]
     header = json.load(open(os.path.join(out_dir, "header.json")))
-    return dict(config=config, micro_batch=micro_batch, nproc=nproc, device=header["device"],
+    return dict(config=config, micro_batch=micro_batch, nproc=nproc, grad_accum=grad_accum, device=header["device"],
                 tokens_per_s=statistics.median(m["tokens_per_s"] for m in steps),
                 mfu=statistics.median(m["mfu"] for m in steps) if "mfu" in steps[0] else None,
                 mem_gib=max(m.get("mem_gib", 0) for m in logs), loss=steps[-1]["loss"],
@@ -45,6 +47,7 @@ def main():
     parser.add_argument("--runs", default="small_tpa:16,small_mha:16")
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--iters", type=int, default=60)
+    parser.add_argument("--grad_accum", type=int, default=1, help="micro-steps per GPU per iteration")
     parser.add_argument("--out_root", default="out/bench_train")
     parser.add_argument("--out", default=None, help="append the results as JSON lines to this file")
     args, extra = parser.parse_known_args()  # anything else is passed to train.py, e.g. --compile=False
@@ -53,7 +56,7 @@ def main():
     for spec in args.runs.split(","):
         config, mb = spec.split(":")
         for nproc in sorted({1, args.nproc}):
-            r = run(config, int(mb), nproc, args.data_dir, args.iters, args.out_root, args.extra)
+            r = run(config, int(mb), nproc, args.data_dir, args.iters, args.out_root, args.extra, args.grad_accum)
             print(json.dumps(r), flush=True)
             results.append(r)
     if args.out:
@@ -66,7 +69,8 @@ def main():
             print(f"| {r['config']} | {r['micro_batch']} | {r['nproc']} | - | error: {r['error']} | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "-"
-        print(f"| {r['config']} | {r['micro_batch']} | {r['nproc']} | {r['device']} | {r['tokens_per_s']:,.0f} | {mfu} "
+        mb = f"{r['micro_batch']} x {r['grad_accum']} micro-steps" if r["grad_accum"] > 1 else r["micro_batch"]
+        print(f"| {r['config']} | {mb} | {r['nproc']} | {r['device']} | {r['tokens_per_s']:,.0f} | {mfu} "
               f"| {r['mem_gib']:.1f} GiB |")
     ok = [r for r in results if "error" not in r]
     for r in ok:
