@@ -85,7 +85,8 @@ def measure(size, attn, batch_size, block_size, mode, steps):
         count[group] += 1
         top[e.name[:90]] += e.device_time / steps / 1000
     tokens = batch_size * block_size
-    mfu = model.flops_per_token(block_size) * tokens / (wall / 1000) / peak_flops(torch.cuda.get_device_name())
+    peak = peak_flops(torch.cuda.get_device_name()) or float("nan")  # unknown GPU: MFU nan, ratios still right
+    mfu = model.flops_per_token(block_size) * tokens / (wall / 1000) / peak
     return dict(attn=attn, wall=wall, mfu=mfu, mem_gib=mem, flops=model.flops_per_token(block_size), tokens=tokens,
                 groups=dict(by_group), count={g: c / steps for g, c in count.items()}, top=dict(top),
                 n_head=model.config.n_head, params=model.num_params())
@@ -101,6 +102,10 @@ def main():
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--top", type=int, default=8, help="print this many of the longest kernels")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("scripts.profile_train profiles CUDA kernels: run it on a machine with a CUDA GPU")
+    if peak_flops(torch.cuda.get_device_name()) is None:
+        print(f"warning: no peak FLOP/s known for {torch.cuda.get_device_name()!r} (model.PEAK_FLOPS): MFU shows nan")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     dev = torch.cuda.get_device_name()
     results = []
@@ -128,9 +133,9 @@ def main():
             for r in (a, b):
                 att = sum(r["groups"].get(g, 0.0) for g in ATTENTION)
                 wall = r["wall"] - att + att / k
-                mfus.append((wall, r["mfu"] * r["wall"] / wall))
+                mfus.append((wall, r["mfu"] * r["wall"] / wall, r["flops"] * r["tokens"] / wall))
             print(f"| {k:g} | {mfus[0][0]:.2f} / {100 * mfus[0][1]:.1f}% | {mfus[1][0]:.2f} / {100 * mfus[1][1]:.1f}% "
-                  f"| {mfus[0][1] / mfus[1][1]:.3f} |")
+                  f"| {mfus[0][2] / mfus[1][2]:.3f} |")
 
 
 if __name__ == "__main__":
