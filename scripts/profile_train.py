@@ -84,10 +84,10 @@ def measure(size, attn, batch_size, block_size, mode, steps):
         by_group[group] += e.device_time / steps / 1000  # ms per step
         count[group] += 1
         top[e.name[:90]] += e.device_time / steps / 1000
-    tokens = batch_size * block_size
+    tokens, flops = batch_size * block_size, model.flops_per_token(block_size)
     peak = peak_flops(torch.cuda.get_device_name()) or float("nan")  # unknown GPU: MFU nan, ratios still right
-    mfu = model.flops_per_token(block_size) * tokens / (wall / 1000) / peak
-    return dict(attn=attn, wall=wall, mfu=mfu, mem_gib=mem, flops=model.flops_per_token(block_size), tokens=tokens,
+    mfu = flops * tokens / (wall / 1000) / peak
+    return dict(attn=attn, wall=wall, mfu=mfu, mem_gib=mem, flops=flops, tokens=tokens,
                 groups=dict(by_group), count={g: c / steps for g, c in count.items()}, top=dict(top),
                 n_head=model.config.n_head, params=model.num_params())
 
