@@ -29,10 +29,15 @@ def checkpoint_path(out_dir, iter_num):
     return os.path.join(out_dir, f"ckpt_{iter_num:07d}.pt")
 
 
+def checkpoint_iter(path):
+    """The iteration in a checkpoint's file name."""
+    return int(_PATTERN.search(path).group(1))
+
+
 def list_checkpoints(out_dir):
     """Complete checkpoints in out_dir, oldest first."""
     paths = [p for p in glob.glob(os.path.join(out_dir, "ckpt_*.pt")) if _PATTERN.search(p)]
-    return sorted(paths, key=lambda p: int(_PATTERN.search(p).group(1)))
+    return sorted(paths, key=checkpoint_iter)
 
 
 def save_checkpoint(state, out_dir, keep_last=2):

@@ -21,7 +21,7 @@ import os
 import types
 from ast import literal_eval
 
-_CONFIG_TYPES = (bool, int, float, str, type(None))
+_CONFIG_TYPES = (bool, int, float, str, type(None), list, dict)
 
 
 def _closest(key, known):
@@ -35,6 +35,8 @@ def _check_type(key, value, expected, where):
         return value
     if expected is float and type(value) is int:
         return float(value)
+    if expected is list and type(value) is tuple:
+        return list(value)
     if type(value) is not expected:
         raise ValueError(f"{where}: {key}={value!r} has type {type(value).__name__}, "
                          f"expected {expected.__name__}")
@@ -44,8 +46,8 @@ def _check_type(key, value, expected, where):
 def configure(defaults, argv, extra=None):
     """Resolve config files and --key=value overrides against the known keys.
 
-    defaults: the script's namespace (e.g. globals()); its keys that hold bool/int/float/str/None and do
-        not start with "_" are the config keys, typed by their default value.
+    defaults: the script's namespace (e.g. globals()); its keys that hold bool/int/float/str/None/list/dict
+        and do not start with "_" are the config keys, typed by their default value.
     extra: further keys {name: type} that default to None (e.g. model settings resolved elsewhere).
     Returns {key: value} for every config key, defaults included.
     """

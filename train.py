@@ -44,7 +44,8 @@ from model import GPT, GPTConfig, model_config, peak_flops
 # defaults: the paper's recipe for T6 Small (spec 3.1); config/*.py and --key=value override them
 # I/O
 out_dir = "out"
-eval_interval = 1000  # evaluate and checkpoint every this many iterations (and at max_iters)
+eval_interval = 1000  # evaluate every this many iterations (and at max_iters)
+checkpoint_interval = 0  # checkpoint every this many iterations (0: at every evaluation); always at max_iters
 log_interval = 10  # one log line every this many iterations
 eval_tokens = 10 * 2 ** 20  # validation tokens per evaluation: the first ones of the val split, fixed
 keep_checkpoints = 2  # keep the newest K checkpoints
@@ -54,6 +55,7 @@ dry_run = False  # print the resolved config and the model's size, then exit
 wandb_log = False
 wandb_project = "tpa"
 wandb_run_name = ""  # default: out_dir's name
+variant = ""  # the run's name in comparisons (scripts/compare.py groups seeds by it; scripts/sweep.py sets it)
 # data
 data_dir = "data/fineweb-edu-100B"
 gradient_accumulation_steps = 16  # global over all ranks: global batch = batch_size x this x block_size
@@ -82,9 +84,9 @@ device = "auto"  # auto (cuda if present), cuda, cuda:N, cpu, mps
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16, float32
 compile = True  # torch.compile the model (compile time is reported apart from step time)
 # -----------------------------------------------------------------------------
-MODEL_KEYS = {f.name: f.type for f in fields(GPTConfig) if f.name not in ("block_size", "attn")}
+_MODEL_KEYS = {f.name: f.type for f in fields(GPTConfig) if f.name not in ("block_size", "attn")}
 try:
-    config = configure(globals(), sys.argv[1:], extra=MODEL_KEYS)
+    config = configure(globals(), sys.argv[1:], extra=_MODEL_KEYS)
 except ValueError as e:
     sys.exit(f"config error: {e}")
 globals().update(config)
@@ -147,7 +149,7 @@ def print0(*args, **kwargs):
 
 
 # -- model ----------------------------------------------------------------------------------------------
-model_overrides = {k: config[k] for k in MODEL_KEYS}
+model_overrides = {k: config[k] for k in _MODEL_KEYS}
 resume_ckpt = None
 if init_from == "resume":
     if not list_checkpoints(out_dir):
@@ -194,6 +196,7 @@ train_loader = TrainLoader(data_dir, batch_size, block_size, rank, world_size, s
 val_set = ValSet(data_dir, block_size, eval_tokens)
 
 iter_num, tokens_seen, best_val_loss, wandb_id = 0, 0, float("inf"), None
+carried = []  # [loss, grad norm] of the steps since the last log line that a checkpoint saved (reduced over ranks)
 if resume_ckpt is not None:
     model.load_state_dict(resume_ckpt["model"])
     optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -201,6 +204,7 @@ if resume_ckpt is not None:
     train_loader.load_state_dict(resume_ckpt["loader"])
     iter_num, tokens_seen = resume_ckpt["iter_num"], resume_ckpt["tokens_seen"]
     best_val_loss, wandb_id = resume_ckpt["best_val_loss"], resume_ckpt["meta"].get("wandb_id")
+    carried = resume_ckpt.get("pending_stats", [])
     rng = resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world_size else resume_ckpt["rng"][0]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -236,7 +240,8 @@ if master:
     except (OSError, subprocess.CalledProcessError):
         pass
     header = dict(meta, argv=sys.argv, config=config, model_config=asdict(mconf), params=raw_model.num_params(),
-                  flops_per_token=flops_per_token, kv_cache_elems_per_token=raw_model.kv_cache_elems_per_token(),
+                  attn_params_per_layer=raw_model.attn_params_per_layer(), flops_per_token=flops_per_token,
+                  kv_cache_elems_per_token=raw_model.kv_cache_elems_per_token(), tokens_per_iter=tokens_per_iter,
                   peak_flops_per_device=peak, start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(os.path.join(out_dir, "header.json" if iter_num == 0 else f"header_resume_{iter_num:07d}.json"), "w") as f:
         json.dump(header, f, indent=1)
@@ -283,11 +288,13 @@ def checkpoint(val_loss=None):
     else:
         rngs = [rng]
     loader_state = train_loader.state_dict()  # one batch is prefetched: it is the next one to consume
+    pending = carried + reduce_stats(losses).tolist()  # steps not logged yet: a resumed run logs them as this one would
     if master:
         state = dict(model=raw_model.state_dict(), model_config=asdict(mconf), config=config,
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
                      tokens_seen=tokens_seen, best_val_loss=best_val_loss, val_loss=val_loss,
-                     loader=dict(loader_state, step=loader_state["step"] - 1), rng=rngs, meta=meta)
+                     loader=dict(loader_state, step=loader_state["step"] - 1), rng=rngs, meta=meta,
+                     pending_stats=pending)
         path = save_checkpoint(state, out_dir, keep_checkpoints)
         print0(f"saved {path}")
 
@@ -305,16 +312,25 @@ def stop_requested():
 
 
 # -- training loop -------------------------------------------------------------------------------------
-def flush_stats(final=False):
-    """Reduce the losses since the last call, stop on a non-finite one, log a line. Syncs the device."""
-    global losses, t_log, steps_timed
-    stats = torch.stack(losses)  # (steps, 2): loss, grad norm
+def reduce_stats(step_stats):
+    """(steps, 2) CPU tensor of [loss, grad norm] averaged over ranks, from the per-step device tensors."""
+    if not step_stats:
+        return torch.zeros(0, 2)
+    stats = torch.stack(step_stats)
     if ddp:
         dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-    stats = stats.cpu()
+    return stats.cpu()
+
+
+def flush_stats():
+    """Reduce the losses since the last call, stop on a non-finite one, log a line. Syncs the device."""
+    global losses, carried, t_log, steps_timed
+    # steps a resumed checkpoint carried are already reduced: the record equals an uninterrupted run's
+    stats = torch.cat([torch.tensor(carried, dtype=torch.float32).view(-1, 2), reduce_stats(losses)])
+    n_steps = len(stats)
     bad = (~torch.isfinite(stats[:, 0])).nonzero()
     if len(bad):
-        it = iter_num - len(losses) + 1 + bad[0, 0].item()
+        it = iter_num - n_steps + 1 + bad[0, 0].item()
         raise SystemExit(f"non-finite loss ({stats[bad[0, 0], 0].item()}) at iteration {it}: stopping without saving; "
                          f"the last good checkpoint in {out_dir} is kept")
     record = dict(iter=iter_num, loss=stats[-1, 0].item(), loss_avg=stats[:, 0].mean().item(), lr=lr,
@@ -334,7 +350,7 @@ def flush_stats(final=False):
         line += f" | mem {record['mem_gib']:.1f} GiB"
     log(record)
     print0(line)
-    losses, t_log, steps_timed = [], time.time(), 0
+    losses, carried, t_log, steps_timed = [], [], time.time(), 0
 
 
 if iter_num == 0:
@@ -381,19 +397,23 @@ while iter_num < max_iters:
 
     last = iter_num == max_iters
     evaluate_now = iter_num % eval_interval == 0 or last
+    save_now = iter_num % (checkpoint_interval or eval_interval) == 0 or last
     if iter_num % log_interval == 0 or evaluate_now:
         flush_stats()
+    val_loss = None
     if evaluate_now:
         val_loss = evaluate()
         best_val_loss = min(best_val_loss, val_loss)
         print0(f"iter {iter_num}: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
         log(dict(iter=iter_num, val_loss=val_loss, val_ppl=math.exp(val_loss), tokens=tokens_seen))
+    if save_now:
         checkpoint(val_loss)
+    if evaluate_now or save_now:
         t_log = time.time()  # evaluation and saving are not step time
     if stop_requested():
-        if not evaluate_now:
-            if losses:
-                flush_stats()
+        if not save_now:
+            # no log record here: the steps since the last line go into the checkpoint, and the resumed run
+            # writes the line an uninterrupted run would have written
             print0(f"stop signal: saving a checkpoint at iteration {iter_num}")
             checkpoint()
         break
