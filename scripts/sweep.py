@@ -8,7 +8,7 @@ Train attention variants with one recipe and several seeds, then compare them in
 
 A sweep file (config/sweeps/*.py) sets keys of the defaults block below; unknown keys are errors. On the
 command line, --key=value sets a sweep key, and any other key is a train.py key for every run (--data_dir=...,
---compile=False, ...). A run's settings, later ones winning: the base config files, the sweep's `train`, the
+--compile=False, ...); lists and dicts are Python literals: --variants="[{'name': 'tpa', 'attn': 'tpa'}]". A run's settings, later ones winning: the base config files, the sweep's `train`, the
 variant's keys, the command line's train.py keys; then the sweep sets seed, out_dir, max_iters, lr_decay_iters
 (= max_iters: the cosine ends with the budget, unless a setting above names it) and variant.
 
@@ -19,7 +19,7 @@ tasks), appended to the run's metrics.jsonl; then the report (scripts/compare.py
 Resumable: a finished run is skipped and an interrupted one continues from its newest checkpoint (train.py
 --init_from=resume, exactly), so the same command run again after a crash, a kill or a preemption finishes
 the sweep without redoing work. A killed sweep stops its run too (Linux), which then saves a checkpoint.
-A run folder remembers its settings (sweep_run.json): a changed sweep file is refused, not mixed in.
+A run folder whose header.json holds other settings is refused, not mixed in (a changed sweep file).
 Runs can be split over machines with --only; the report needs only each run's header.json and metrics.jsonl,
 so run folders brought together from several machines compare as one sweep. A failed run is reported and
 the others go on; the exit code is 1 if any run failed.
@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -59,8 +60,8 @@ dry_run = False  # print the runs, their state and commands, then exit
 SWEEP_KEYS = list(configure(globals(), []))
 RESERVED = ("seed", "out_dir", "max_iters", "init_from", "variant", "dry_run")  # set by the sweep per run
 # train.py keys that do not change a run's numbers: a run may resume on another machine with other values
-OPERATIONAL = ("device", "compile", "log_interval", "keep_checkpoints", "checkpoint_interval", "wandb_log",
-               "wandb_project", "wandb_run_name")
+OPERATIONAL = ("out_dir", "init_from", "dry_run", "device", "compile", "log_interval", "keep_checkpoints",
+               "checkpoint_interval", "wandb_log", "wandb_project", "wandb_run_name")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -113,28 +114,37 @@ def python_cmd(nproc, *module_or_script):
 
 
 def stream(cmd, log_path, prefix, on_line=None, pass_fds=()):
-    """Run cmd, copy its output to log_path and to stdout (each line prefixed); return its exit code.
+    """Run cmd with its output appended to log_path, and show each new line of it (prefixed); return its exit code.
 
-    The child runs in its own process group, so a terminal's Ctrl-C reaches the sweep only: a Stop (Ctrl-C,
-    SIGTERM) is passed on once as SIGTERM, and the child's output is still shown while it saves a checkpoint
-    and exits; a second Stop kills it."""
+    The child writes to the file, not to a pipe, so it never depends on the sweep being alive (a killed sweep's
+    run saves its checkpoint and exits), and it runs in its own process group, so a terminal's Ctrl-C reaches
+    the sweep only: a Stop (Ctrl-C, SIGTERM) is passed on once as SIGTERM, the child's output is still shown
+    while it saves a checkpoint and exits, and a second Stop kills it."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     linux = sys.platform.startswith("linux")
     with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env,
+        log.write(f"$ {shlex.join(cmd)}\n")
+        log.flush()
+        start = log.tell()
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                              pass_fds=pass_fds, start_new_session=True, preexec_fn=_die_with_parent if linux else None)
-        stopping = False
+    stopping, partial = False, ""
+    with open(log_path, errors="replace") as follow:
+        follow.seek(start)
         while True:
             try:
-                for line in p.stdout:
-                    log.write(line)
-                    log.flush()
-                    print(prefix() + line, end="", flush=True)
+                done = p.poll() is not None
+                for line in (partial + follow.read()).splitlines(keepends=True):
+                    if not line.endswith("\n") and not done:
+                        partial = line  # the rest of the line is still being written
+                        break
+                    partial = ""
+                    print(prefix() + line.rstrip("\n"), flush=True)
                     if on_line:
                         on_line(line)
-                p.wait()
-                break
+                if done:
+                    break
+                time.sleep(0.2)
             except Stop:
                 if stopping:
                     os.killpg(p.pid, signal.SIGKILL)
@@ -169,14 +179,12 @@ class Run:
         return self.args + extra + [arg("out_dir", self.out_dir), arg("init_from", init_from)]
 
     def spec(self):
-        """What makes this run this run, compared with the folder's sweep_run.json before it is resumed: the
-        settings that change its numbers (not device, compile, logging), as {key: value} or config files."""
-        settings = {}
-        for a in self.train_args("scratch")[:-2]:  # out_dir and init_from are last
-            key, _, value = a[2:].partition("=") if a.startswith("--") else (a, "", "config file")
-            if key not in OPERATIONAL:
-                settings[key] = value
-        return dict(settings=settings, max_iters=self.max_iters)
+        """The settings that make this run this run: the resolved train.py config without the keys that do not change
+        its numbers; compared with the config in the run folder's header.json before the run is resumed."""
+        settings = dict(self.config, seed=self.seed, max_iters=self.max_iters)
+        if "lr_decay_iters" not in self.explicit:
+            settings["lr_decay_iters"] = self.max_iters
+        return {k: v for k, v in settings.items() if k not in OPERATIONAL}
 
     def state(self, post_evals):
         """'done', 'evaluate' (trained; an evaluation is missing), 'resume' or 'scratch'."""
@@ -194,17 +202,21 @@ class Run:
 
 
 def resolve(runs, sweep):
-    """Check every run's settings with train.py --dry_run=True (once per variant); set max_iters."""
-    by_variant = {}
+    """Check every run's settings with train.py --dry_run=True (once per variant, in parallel); set max_iters."""
+    checks = {}
     for run in runs:
-        if run.variant not in by_variant:
+        if run.variant not in checks:
             cmd = [sys.executable, "train.py"] + run.args + [arg("out_dir", run.out_dir), "--dry_run=True"]
-            p = subprocess.run(cmd, capture_output=True, text=True)
-            if p.returncode != 0:
-                msg = (p.stderr.strip() or p.stdout.strip()).splitlines()[-1:] or ["no output"]
-                raise SystemExit(f"variant {run.variant!r}: train.py refuses its settings: {msg[0]}\n"
-                                 f"  (python train.py {' '.join(run.args)} --dry_run=True)")
-            by_variant[run.variant] = json.loads(p.stdout[:p.stdout.rindex("}") + 1])["config"]
+            checks[run.variant] = (run, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    by_variant = {}
+    for variant, (run, p) in checks.items():
+        out, err = p.communicate()
+        if p.returncode != 0:
+            msg = (err.strip() or out.strip()).splitlines()[-1:] or ["no output"]
+            raise SystemExit(f"variant {variant!r}: train.py refuses its settings: {msg[0]}\n"
+                             f"  (python train.py {shlex.join(run.args)} --dry_run=True)")
+        by_variant[variant] = json.loads(out[:out.rindex("}") + 1])["config"]
+    for run in runs:
         run.config = cfg = by_variant[run.variant]
         tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
         run.max_iters = sweep["max_iters"] or math.ceil(sweep["max_tokens"] / tokens_per_iter)
@@ -352,8 +364,6 @@ def train_and_evaluate(run, k, n_todo, sweep, post, progress, pass_fds):
 
     if run.status in ("resume", "scratch"):
         os.makedirs(run.out_dir, exist_ok=True)
-        with open(os.path.join(run.out_dir, "sweep_run.json"), "w") as f:
-            json.dump(run.spec(), f, indent=1)
         cmd = python_cmd(sweep["nproc"], "train.py") + run.train_args(init_from=run.status)
         code = stream(cmd, os.path.join(run.out_dir, "train.log"), prefix, on_line, pass_fds)
         progress["done"] = start_done + run.max_iters - run.start_iter
@@ -377,21 +387,26 @@ def main(argv):
     if not selected:
         sys.exit(f"sweep error: only={sweep['only']!r} matches no run of {[r.name for r in runs]}")
     resolve(selected, sweep)
-    post = post_evaluations(sweep)
     lock_fd = None if sweep["dry_run"] else lock(sweep["out_root"])
+    try:
+        return run_sweep(sweep, runs, selected, patterns, lock_fd)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def run_sweep(sweep, runs, selected, patterns, lock_fd):
+    post = post_evaluations(sweep)
     pass_fds = (lock_fd,) if lock_fd is not None else ()
     conflicts = []
     for run in selected:
-        path = os.path.join(run.out_dir, "sweep_run.json")
-        if os.path.exists(path) and json.load(open(path)) != run.spec():
-            old = json.load(open(path))
-            new = run.spec()
-            diff = {k: (old["settings"].get(k), new["settings"].get(k))
-                    for k in set(old["settings"]) | set(new["settings"])
-                    if old["settings"].get(k) != new["settings"].get(k)}
-            if old["max_iters"] != new["max_iters"]:
-                diff["max_iters"] = (old["max_iters"], new["max_iters"])
-            conflicts.append(f"  {run.out_dir}: {{setting: (then, now)}} {diff}")
+        header = os.path.join(run.out_dir, "header.json")
+        if os.path.exists(header):
+            then = {k: v for k, v in json.load(open(header))["config"].items() if k not in OPERATIONAL}
+            now = run.spec()
+            diff = {k: (then.get(k), now.get(k)) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
+            if diff:
+                conflicts.append(f"  {run.out_dir}: {{setting: (then, now)}} {diff}")
         run.status = run.state(post)
     if conflicts:
         sys.exit("these run folders were made with other settings; use another out_root, or delete them:\n"
@@ -406,7 +421,7 @@ def main(argv):
                  "evaluate": "evaluate", "done": "done"}[run.status]
         print(f"  {run.name:24s} {run.max_iters:>8,} iterations {tokens / 1e6:>10,.1f}M tokens   {state}")
         if sweep["dry_run"]:
-            print("    " + " ".join(python_cmd(sweep["nproc"], "train.py") + run.train_args("scratch")))
+            print("    " + shlex.join(python_cmd(sweep["nproc"], "train.py") + run.train_args("scratch")))
     if sweep["dry_run"]:
         return 0
 
@@ -426,7 +441,9 @@ def main(argv):
     except Stop:
         interrupted = True
         print("\nsweep interrupted: run the same command again to continue where it stopped", flush=True)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     if sweep["report"] and not interrupted:
         from scripts.compare import find_runs, write_report
