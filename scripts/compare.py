@@ -29,6 +29,7 @@ import numpy as np
 
 # keys of the config that name a run rather than define it: left out of the settings tables
 RUN_KEYS = ("out_dir", "seed", "variant", "wandb_run_name", "init_from", "dry_run")
+PAPER_ORDER = ["mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa"]  # the paper's tables
 
 
 def read_jsonl(path):
@@ -195,7 +196,8 @@ def difference(group, ref, value):
     common = sorted(set(a) & set(b))
     if common:
         d = [a[k] - b[k] for k in common]
-        return statistics.fmean(d), statistics.stdev(d) if len(d) > 1 else None, f"paired, {len(d)} seeds"
+        return statistics.fmean(d), statistics.stdev(d) if len(d) > 1 else None, \
+            f"paired, {len(d)} seed{'s' if len(d) > 1 else ''}"
     if not a or not b:
         return None, None, ""
     (ma, sa), (mb, sb) = mean_std(list(a.values())), mean_std(list(b.values()))
@@ -203,12 +205,15 @@ def difference(group, ref, value):
     return ma - mb, spread, "unpaired"
 
 
-def group_runs(summaries, group_by):
+def group_runs(summaries, group_by, reference):
+    """{group: runs}: the reference first, then the paper's order of the mechanisms, then the others as they come."""
     groups = {}
     for s in summaries:
         key = s["variant"] if group_by == "variant" else s["config"].get(group_by, s["model_config"].get(group_by))
         groups.setdefault(str(key), []).append(s)
-    return groups
+    order = list(groups)
+    rank = lambda g: (g != reference, PAPER_ORDER.index(g) if g in PAPER_ORDER else len(PAPER_ORDER), order.index(g))
+    return {g: groups[g] for g in sorted(groups, key=rank)}
 
 
 def band(runs, key, x):
@@ -284,7 +289,7 @@ def settings_tables(summaries, groups):
 def write_report(runs, out, group_by="variant", reference="mha"):
     """report.md, summary.json and the plots in out; returns the report's text."""
     summaries = [summarize(r) for r in runs]
-    groups = group_runs(summaries, group_by)
+    groups = group_runs(summaries, group_by, reference)
     ref = groups.get(reference)
     os.makedirs(out, exist_ok=True)
     common = common_point(summaries)
@@ -373,9 +378,10 @@ def write_report(runs, out, group_by="variant", reference="mha"):
             lines.append(f"\nLimited runs (examples per task: {', '.join(str(x) for x in sorted(limits, key=str))}).")
         lines.append("")
 
+    minutes = max((s["train_time_s"] for s in summaries if not math.isnan(s["train_time_s"])), default=0) > 120
     plots = [("val_loss_tokens.png", "curve", "tokens", "tokens (millions)", 1e-6, "Validation loss at equal tokens"),
-             ("val_loss_time.png", "curve", "time", "training time (minutes)", 1 / 60,
-              "Validation loss at equal training time"),
+             ("val_loss_time.png", "curve", "time", f"training time ({'minutes' if minutes else 'seconds'})",
+              1 / 60 if minutes else 1, "Validation loss at equal training time"),
              ("val_loss_flops.png", "curve", "flops", "training FLOPs (PFLOP)", 1e-15,
               "Validation loss at equal training FLOPs"),
              ("train_loss.png", "train_curve", "tokens", "tokens (millions)", 1e-6, "Training loss")]
