@@ -43,11 +43,16 @@ def list_checkpoints(out_dir):
 def save_checkpoint(state, out_dir, keep_last=2):
     path = checkpoint_path(out_dir, state["iter_num"])
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk, an interrupt: leave no partial file to fill the disk
+        if os.path.isfile(tmp):
+            os.remove(tmp)
+        raise
     for old in list_checkpoints(out_dir)[:-keep_last] if keep_last > 0 else []:
         os.remove(old)
     return path

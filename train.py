@@ -48,7 +48,7 @@ eval_interval = 1000  # evaluate every this many iterations (and at max_iters)
 checkpoint_interval = 0  # checkpoint every this many iterations (0: at every evaluation); always at max_iters
 log_interval = 10  # one log line every this many iterations
 eval_tokens = 10 * 2 ** 20  # validation tokens per evaluation: the first ones of the val split, fixed
-keep_checkpoints = 2  # keep the newest K checkpoints
+keep_checkpoints = 2  # keep the newest K checkpoints (0: all)
 init_from = "scratch"  # "scratch" or "resume" (the newest checkpoint in out_dir)
 dry_run = False  # print the resolved config and the model's size, then exit
 # wandb logging (works with WANDB_MODE=offline)
@@ -81,14 +81,48 @@ lr_decay_iters = 100000
 min_lr = 3e-5
 # system
 device = "auto"  # auto (cuda if present), cuda, cuda:N, cpu, mps
-dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16, float32
+dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16, float32 (bf16, ...)
 compile = True  # torch.compile the model (compile time is reported apart from step time)
 # -----------------------------------------------------------------------------
 _MODEL_KEYS = {f.name: f.type for f in fields(GPTConfig) if f.name not in ("block_size", "attn")}
+DTYPES = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "bf16": "bfloat16",
+          "fp16": "float16", "fp32": "float32"}
+
+
+def check_settings(c):
+    """Every setting's range, before anything runs: a ValueError names the key and what it must be."""
+    at_least = dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, log_interval=1,
+                    eval_tokens=1, keep_checkpoints=0, max_iters=0, warmup_iters=0, lr_decay_iters=0,
+                    checkpoint_interval=0, learning_rate=0.0, min_lr=0.0, weight_decay=0.0, grad_clip=0.0)
+    for k, low in at_least.items():
+        if not c[k] >= low:  # also catches nan
+            raise ValueError(f"{k}={c[k]} must be >= {low}")
+    for k in ("beta1", "beta2"):
+        if not 0 <= c[k] < 1:
+            raise ValueError(f"{k}={c[k]} must be in [0, 1)")
+    if not c["adam_eps"] > 0:
+        raise ValueError(f"adam_eps={c['adam_eps']} must be > 0")
+    if c["dtype"] not in DTYPES:
+        raise ValueError(f"dtype={c['dtype']!r}; choose one of {', '.join(DTYPES)}")
+    dev = c["device"]
+    if dev != "auto":
+        try:
+            kind = torch.device(dev).type
+        except RuntimeError:
+            raise ValueError(f"device={dev!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={dev!r} but CUDA is not available here (no GPU, or a CPU build of torch); "
+                             f"use --device=cpu")
+        if kind == "mps" and not torch.backends.mps.is_available():
+            raise ValueError(f"device={dev!r} but MPS is not available here; use --device=cpu")
+
+
 try:
     config = configure(globals(), sys.argv[1:], extra=_MODEL_KEYS)
+    check_settings(config)
 except ValueError as e:
     sys.exit(f"config error: {e}")
+config["dtype"] = DTYPES[config["dtype"]]
 globals().update(config)
 
 def get_lr(it):
@@ -154,7 +188,14 @@ resume_ckpt = None
 if init_from == "resume":
     if not list_checkpoints(out_dir):
         raise SystemExit(f"init_from='resume' but {out_dir!r} holds no checkpoint; start with init_from='scratch'")
-    resume_ckpt = load_checkpoint(out_dir)
+    for path in reversed(list_checkpoints(out_dir)):  # the newest readable one
+        try:
+            resume_ckpt = load_checkpoint(path)
+            break
+        except ValueError as e:
+            print0(f"warning: {e}; trying the one before it")
+    if resume_ckpt is None:
+        raise SystemExit(f"no checkpoint in {out_dir!r} can be read (see the warnings); start with init_from='scratch'")
     mconf = GPTConfig(**resume_ckpt["model_config"])
     asked = asdict(model_config(size, attn, block_size=block_size, **model_overrides))
     if asked != asdict(mconf):
@@ -279,6 +320,24 @@ def evaluate():
     return loss
 
 
+def stop_non_finite(what, it):
+    """Stop the run (every rank: they all see the same reduced numbers or weights) without saving."""
+    kept = list_checkpoints(out_dir)
+    last = f"the last good checkpoint, {os.path.basename(kept[-1])}, is kept" if kept else "no checkpoint was saved yet"
+    raise SystemExit(f"{what} at iteration {it}: stopping without saving; {last} (in {out_dir}). Lower the learning "
+                     f"rate (or check the data), then resume (--init_from=resume) or start again")
+
+
+def check_finite(stats, last_iter):
+    """Stop on a non-finite loss, or a non-finite gradient norm unless fp16's GradScaler skips such steps."""
+    bad_loss = ~torch.isfinite(stats[:, 0])
+    bad = bad_loss if scaler.is_enabled() else bad_loss | ~torch.isfinite(stats[:, 1])
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        what = f"non-finite loss ({stats[i, 0].item()})" if bad_loss[i] else f"non-finite gradient norm ({stats[i, 1].item()})"
+        stop_non_finite(what, last_iter - len(stats) + 1 + i)
+
+
 def checkpoint(val_loss=None):
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None)
@@ -288,20 +347,46 @@ def checkpoint(val_loss=None):
     else:
         rngs = [rng]
     loader_state = train_loader.state_dict()  # one batch is prefetched: it is the next one to consume
-    pending = carried + reduce_stats(losses).tolist()  # steps not logged yet: a resumed run logs them as this one would
+    pending = torch.cat([torch.tensor(carried, dtype=torch.float32).view(-1, 2), reduce_stats(losses)])
+    check_finite(pending, iter_num)  # steps not logged yet: a resumed run logs them as this one would
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # a step with finite numbers can overflow
+        stop_non_finite("non-finite weights", iter_num)
+    error = None
     if master:
         state = dict(model=raw_model.state_dict(), model_config=asdict(mconf), config=config,
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
                      tokens_seen=tokens_seen, best_val_loss=best_val_loss, val_loss=val_loss,
                      loader=dict(loader_state, step=loader_state["step"] - 1), rng=rngs, meta=meta,
-                     pending_stats=pending)
-        path = save_checkpoint(state, out_dir, keep_checkpoints)
-        print0(f"saved {path}")
+                     pending_stats=pending.tolist())
+        try:
+            path = save_checkpoint(state, out_dir, keep_checkpoints)
+            print0(f"saved {path}")
+        except OSError as e:  # a full disk, a quota: the previous checkpoint is still whole
+            error = e
+    failed = torch.tensor([error is not None], dtype=torch.int32)
+    if ddp:
+        dist.all_reduce(failed, group=flag_group)
+    if failed.item():
+        kept = list_checkpoints(out_dir)
+        raise SystemExit(f"could not save a checkpoint at iteration {iter_num}" + (f" ({error})" if error else "")
+                         + (f"; the previous one, {os.path.basename(kept[-1])}, is kept" if kept else "")
+                         + ". Free space in out_dir, then resume with --init_from=resume")
 
 
-stop_signal = []  # preemption: SIGTERM / SIGINT save a checkpoint at the end of the current step
+# preemption: SIGTERM / SIGINT save a checkpoint at the end of the current step; a second one a second or more
+# later (a second Ctrl-C) stops at once, without a checkpoint (torchrun passes a Ctrl-C on within milliseconds)
+stop_signal = []
+
+
+def on_stop_signal(signum, frame):
+    if stop_signal and time.time() - stop_signal[0] >= 1.0:
+        print(f"second stop signal: exiting now without a checkpoint (rank {rank})", file=sys.stderr, flush=True)
+        os._exit(128 + signum)
+    stop_signal.append(time.time())
+
+
 for sig in (signal.SIGTERM, signal.SIGINT):
-    signal.signal(sig, lambda signum, frame: stop_signal.append(signum))
+    signal.signal(sig, on_stop_signal)
 
 
 def stop_requested():
@@ -309,6 +394,10 @@ def stop_requested():
     if ddp:
         dist.all_reduce(flag, group=flag_group)
     return flag.item() > 0
+
+
+def perplexity(loss):
+    return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float above ~709.8
 
 
 # -- training loop -------------------------------------------------------------------------------------
@@ -327,12 +416,7 @@ def flush_stats():
     global losses, carried, t_log, steps_timed
     # steps a resumed checkpoint carried are already reduced: the record equals an uninterrupted run's
     stats = torch.cat([torch.tensor(carried, dtype=torch.float32).view(-1, 2), reduce_stats(losses)])
-    n_steps = len(stats)
-    bad = (~torch.isfinite(stats[:, 0])).nonzero()
-    if len(bad):
-        it = iter_num - n_steps + 1 + bad[0, 0].item()
-        raise SystemExit(f"non-finite loss ({stats[bad[0, 0], 0].item()}) at iteration {it}: stopping without saving; "
-                         f"the last good checkpoint in {out_dir} is kept")
+    check_finite(stats, iter_num)
     record = dict(iter=iter_num, loss=stats[-1, 0].item(), loss_avg=stats[:, 0].mean().item(), lr=lr,
                   grad_norm=stats[-1, 1].item(), tokens=tokens_seen)
     line = (f"iter {iter_num}/{max_iters} | loss {record['loss']:.4f} | lr {lr:.2e} | "
@@ -355,8 +439,8 @@ def flush_stats():
 
 if iter_num == 0:
     val_loss = evaluate()
-    print0(f"iter 0: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
-    log(dict(iter=0, val_loss=val_loss, val_ppl=math.exp(val_loss), tokens=0))
+    print0(f"iter 0: val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}")
+    log(dict(iter=0, val_loss=val_loss, val_ppl=perplexity(val_loss), tokens=0))
 if iter_num >= max_iters:
     print0(f"nothing to do: the run is at iteration {iter_num} and max_iters={max_iters}")
 x, y = train_loader.next_batch()
@@ -404,8 +488,8 @@ while iter_num < max_iters:
     if evaluate_now:
         val_loss = evaluate()
         best_val_loss = min(best_val_loss, val_loss)
-        print0(f"iter {iter_num}: val loss {val_loss:.4f} | val ppl {math.exp(val_loss):.2f}")
-        log(dict(iter=iter_num, val_loss=val_loss, val_ppl=math.exp(val_loss), tokens=tokens_seen))
+        print0(f"iter {iter_num}: val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}")
+        log(dict(iter=iter_num, val_loss=val_loss, val_ppl=perplexity(val_loss), tokens=tokens_seen))
     if save_now:
         checkpoint(val_loss)
     if evaluate_now or save_now:

@@ -160,9 +160,88 @@ def test_non_finite_loss_stops_the_run(data_dir, tmp_path):
     p = train(base_args(data_dir, out, learning_rate=1e8, min_lr=1e8, warmup_iters=0, grad_clip=0.0, max_iters=40,
                         eval_interval=2, log_interval=1), check=False)
     text = p.stdout + p.stderr
-    assert p.returncode != 0 and "non-finite loss" in text and "the last good checkpoint" in text, text[-2000:]
+    assert p.returncode != 0 and "non-finite" in text and "the last good checkpoint, ckpt_" in text, text[-2000:]
     for path in ckpt_lib.list_checkpoints(out):  # every checkpoint on disk is finite
         assert all(torch.isfinite(v).all() for v in torch.load(path, weights_only=False)["model"].values())
+
+
+def test_non_finite_gradient_never_reaches_a_checkpoint(data_dir, tmp_path):
+    # with clipping, a nan gradient norm made nan weights while the loss was still finite
+    out = str(tmp_path / "run")
+    p = train(base_args(data_dir, out, learning_rate=1e30, warmup_iters=0, max_iters=100, eval_interval=1,
+                        log_interval=1), check=False)
+    text = p.stdout + p.stderr
+    assert p.returncode != 0 and "stopping without saving" in text and "Traceback" not in text, text[-2000:]
+    for path in ckpt_lib.list_checkpoints(out):
+        assert all(torch.isfinite(v).all() for v in torch.load(path, weights_only=False)["model"].values()), path
+    # before any checkpoint, the message says so
+    p = train(base_args(data_dir, str(tmp_path / "early"), learning_rate=1e30, warmup_iters=0, max_iters=100,
+                        eval_interval=1000, log_interval=1), check=False)
+    assert p.returncode != 0 and "no checkpoint was saved yet" in p.stderr, p.stderr[-2000:]
+    # a huge but finite validation loss is reported (perplexity inf), not an OverflowError
+    p = train(base_args(data_dir, str(tmp_path / "huge"), learning_rate=1e6, max_iters=30, eval_interval=1,
+                        log_interval=1), check=False)
+    assert "Traceback" not in p.stderr and "OverflowError" not in p.stderr, p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("bad,message", [
+    ("eval_interval=0", "eval_interval=0 must be >= 1"), ("batch_size=0", "batch_size=0 must be >= 1"),
+    ("log_interval=-1", "log_interval=-1 must be >= 1"), ("learning_rate=-0.1", "learning_rate=-0.1 must be >= 0.0"),
+    ("beta2=1.0", "beta2=1.0 must be in [0, 1)"), ("adam_eps=0", "adam_eps=0.0 must be > 0"),
+    ("max_iters=-5", "max_iters=-5 must be >= 0"), ("dtype=bf17", "dtype='bf17'; choose one of auto, bfloat16"),
+    ("device=cuda", "device='cuda' but CUDA is not available here"), ("device=gpu", "device='gpu' is not a device"),
+])
+def test_settings_are_checked_before_anything_runs(data_dir, tmp_path, bad, message):
+    if "cuda" in bad and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "run"
+    p = train(base_args(data_dir, str(out)) + [f"--{bad}"], check=False)
+    assert p.returncode != 0 and f"config error: {message}" in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_dtype_aliases(data_dir, tmp_path):
+    train(base_args(data_dir, str(tmp_path / "run"), dtype="fp32", max_iters=1))
+    assert json.load(open(tmp_path / "run" / "header.json"))["dtype"] == "float32"
+
+
+def test_second_stop_signal_exits_at_once(data_dir, tmp_path):
+    out = str(tmp_path / "run")  # steps of seconds: the first signal waits for the end of one
+    p = subprocess.Popen([sys.executable, "train.py"] + base_args(data_dir, out, n_embd=768, n_head=12, head_dim=64,
+                                                                   batch_size=128, eval_tokens=256),
+                         cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if line.startswith("iter 0: val loss"):  # the first step starts
+            break
+    p.send_signal(signal.SIGINT)
+    time.sleep(1.2)
+    t0 = time.time()
+    p.send_signal(signal.SIGINT)
+    text = p.communicate(timeout=60)[0]
+    assert p.returncode == 128 + signal.SIGINT and "second stop signal" in text, text[-2000:]
+    assert "iter 1/" not in text and not ckpt_lib.list_checkpoints(out)  # the step was not finished
+
+
+def test_resume_skips_an_unreadable_newest_checkpoint(data_dir, tmp_path):
+    full, part = str(tmp_path / "full"), str(tmp_path / "part")
+    kw = dict(max_iters=6, eval_interval=2, keep_checkpoints=0)
+    train(base_args(data_dir, full, **kw))
+    train(base_args(data_dir, part, **dict(kw, max_iters=4)))
+    with open(os.path.join(part, "ckpt_0000004.pt"), "r+b") as f:  # the newest one, cut short by a crash
+        f.truncate(100)
+    p = train(base_args(data_dir, part, init_from="resume", **kw))
+    assert "warning:" in p.stdout and "ckpt_0000004.pt is not a readable checkpoint" in p.stdout
+    assert "resumed from" in p.stdout and "ckpt_0000002.pt" in p.stdout
+    assert losses(part) == losses(full)
+
+
+def test_failed_save_stops_cleanly_and_keeps_the_previous_checkpoint(data_dir, tmp_path):
+    out = tmp_path / "run"
+    (out / "ckpt_0000006.pt.tmp").mkdir(parents=True)  # the save at iteration 6 cannot write its file
+    p = train(base_args(data_dir, str(out), max_iters=9), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "could not save a checkpoint at iteration 6" in p.stderr and "ckpt_0000003.pt, is kept" in p.stderr
+    assert ckpt_lib.load_checkpoint(str(out))["iter_num"] == 3
 
 
 def test_config_errors_are_clean(data_dir, tmp_path):
