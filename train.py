@@ -37,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from configurator import configure
 from data.loader import TrainLoader, ValSet
+from data.shards import TokenIdError
 from eval.val_loss import evaluate as evaluate_val
 from model import GPT, GPTConfig, model_config, peak_flops
 
@@ -233,8 +234,23 @@ optimizer = torch.optim.AdamW(param_groups, lr=learning_rate, betas=(beta1, beta
                               fused=device_type == "cuda")
 scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
 
-train_loader = TrainLoader(data_dir, batch_size, block_size, rank, world_size, seed, device)
-val_set = ValSet(data_dir, block_size, eval_tokens)
+data_meta_path = os.path.join(data_dir, "meta.json")
+data_meta = json.load(open(data_meta_path)) if os.path.exists(data_meta_path) else {}
+if data_meta.get("vocab_size", 0) > mconf.vocab_size:
+    raise SystemExit(f"{data_dir} holds {data_meta.get('tokenizer', 'its tokenizer')}'s {data_meta['vocab_size']} token "
+                     f"ids but the model's vocabulary has {mconf.vocab_size}; raise vocab_size (GPT-2: 50304)")
+try:  # each shard's token ids are checked against the vocabulary when it is first read
+    train_loader = TrainLoader(data_dir, batch_size, block_size, rank, world_size, seed, device, mconf.vocab_size)
+    val_set = ValSet(data_dir, block_size, eval_tokens, mconf.vocab_size)
+except (FileNotFoundError, ValueError) as e:
+    raise SystemExit(f"data error: {e}")
+
+
+def next_batch():
+    try:
+        return train_loader.next_batch()
+    except TokenIdError as e:  # a shard opened for the first time
+        raise SystemExit(f"data error: {e}") from None
 
 iter_num, tokens_seen, best_val_loss, wandb_id = 0, 0, float("inf"), None
 carried = []  # [loss, grad norm] of the steps since the last log line that a checkpoint saved (reduced over ranks)
@@ -265,8 +281,7 @@ flops_per_token = raw_model.flops_per_token(block_size)
 device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or device_type
 peak = peak_flops(device_name, dtype) if device_type == "cuda" else None
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
-data_meta_path = os.path.join(data_dir, "meta.json")
-tokenizer = json.load(open(data_meta_path)).get("tokenizer", "gpt2") if os.path.exists(data_meta_path) else "gpt2"
+tokenizer = data_meta.get("tokenizer", "gpt2")
 meta = dict(git_commit=git_commit(), torch=torch.__version__, python=platform.python_version(),
             device=device_name, world_size=world_size, dtype=dtype, wandb_id=wandb_id, tokenizer=tokenizer)
 if master:
@@ -443,7 +458,7 @@ if iter_num == 0:
     log(dict(iter=0, val_loss=val_loss, val_ppl=perplexity(val_loss), tokens=0))
 if iter_num >= max_iters:
     print0(f"nothing to do: the run is at iteration {iter_num} and max_iters={max_iters}")
-x, y = train_loader.next_batch()
+x, y = next_batch()
 losses = []  # per-step [loss, grad norm] on the device since the last log line: no sync per step
 t_log, steps_timed, first_step = time.time(), 0, True
 while iter_num < max_iters:
@@ -457,7 +472,7 @@ while iter_num < max_iters:
         with (nullcontext() if sync else model.no_sync()):
             with autocast:
                 loss = model(x, y, return_logits=False)[1] / micro_steps  # the mean over micro-steps, not the sum
-            x, y = train_loader.next_batch()  # prefetch while the device works
+            x, y = next_batch()  # prefetch while the device works
             scaler.scale(loss).backward()
         step_loss += loss.detach()
     if grad_clip > 0:

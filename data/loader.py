@@ -20,7 +20,7 @@ import os
 import numpy as np
 import torch
 
-from data.shards import open_shard, read_header
+from data.shards import check_ids, open_shard, read_header
 
 def find_shards(data_dir, split):
     paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin")))
@@ -33,10 +33,10 @@ def find_shards(data_dir, split):
 class TrainLoader:
     """Batches (x, y) of shape (B, T) without replacement within an epoch; see the module docstring."""
 
-    def __init__(self, data_dir, batch_size, block_size, rank=0, world_size=1, seed=1337, device="cpu"):
+    def __init__(self, data_dir, batch_size, block_size, rank=0, world_size=1, seed=1337, device="cpu", vocab_size=None):
         self.paths = find_shards(data_dir, "train")
         self.B, self.T, self.rank, self.world_size, self.seed = batch_size, block_size, rank, world_size, seed
-        self.device = device
+        self.device, self.vocab_size = device, vocab_size  # with vocab_size, each shard's ids are checked when opened
         self.windows = np.array([(read_header(p) - 1) // block_size for p in self.paths], dtype=np.int64)
         self.windows_per_epoch = int(self.windows.sum())
         if self.windows_per_epoch < batch_size * world_size:
@@ -72,7 +72,7 @@ class TrainLoader:
         k = int(np.searchsorted(ends, j, side="right"))
         shard = int(order[k])
         if self._shard != (epoch, shard):  # one memmap open at a time
-            self._tokens = open_shard(self.paths[shard])
+            self._tokens = open_shard(self.paths[shard], self.vocab_size)
             self._perm = np.random.default_rng([self.seed, epoch, shard]).permutation(int(self.windows[shard]))
             self._shard = (epoch, shard)
         local = j - (int(ends[k - 1]) if k else 0)
@@ -97,7 +97,7 @@ class TrainLoader:
 class ValSet:
     """The fixed validation set: the first `tokens` tokens of the val split in windows of block_size + 1."""
 
-    def __init__(self, data_dir, block_size, tokens):
+    def __init__(self, data_dir, block_size, tokens, vocab_size=None):
         paths = find_shards(data_dir, "val")
         chunks, have = [], 0
         for p in paths:
@@ -106,6 +106,8 @@ class ValSet:
             shard = open_shard(p)
             chunks.append(np.asarray(shard[:tokens - have], dtype=np.uint16))
             have += len(chunks[-1])
+            if vocab_size is not None:
+                check_ids(p, chunks[-1], vocab_size)
         data = np.concatenate(chunks)
         self.n_windows = (len(data) - 1) // block_size
         if self.n_windows < 1:

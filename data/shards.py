@@ -43,7 +43,23 @@ def read_header(path):
     return count
 
 
-def open_shard(path):
-    """Memory-map a shard's tokens (uint16), after validating its header."""
+class TokenIdError(ValueError):
+    """A shard holds a token id outside the model's vocabulary."""
+
+
+def check_ids(path, tokens, vocab_size):
+    """A TokenIdError naming the file if a token id of tokens (from path) is not below vocab_size."""
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        raise TokenIdError(f"{path}: token id {top} is outside the model's vocabulary of {vocab_size} ids (a shard of "
+                         f"another tokenizer, a corrupt shard, or a vocab_size too small for this data)")
+
+
+def open_shard(path, vocab_size=None):
+    """Memory-map a shard's tokens (uint16), after validating its header, and with vocab_size, its token ids
+    (one pass over the file: a max over a memmap reads it at disk speed)."""
     count = read_header(path)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    if vocab_size is not None:
+        check_ids(path, tokens, vocab_size)
+    return tokens

@@ -200,6 +200,26 @@ def test_settings_are_checked_before_anything_runs(data_dir, tmp_path, bad, mess
     assert not out.exists()  # nothing written
 
 
+def test_token_ids_outside_the_vocabulary_name_the_file(data_dir, tmp_path):
+    p = train(base_args(data_dir, str(tmp_path / "a"), vocab_size=100), check=False)  # the val shard has ids to 255
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "data error: " in p.stderr and "syn_val_000000.bin: token id 255 is outside the model's vocabulary of 100" \
+        in p.stderr
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in os.listdir(data_dir):
+        os.symlink(os.path.join(data_dir, f), bad / f)
+    t = np.zeros(3000, dtype=np.uint16)
+    t[1234] = 60000
+    write_shard(str(bad / "syn_train_000003.bin"), t)  # found when the loader first reads it
+    p = train(base_args(str(bad), str(tmp_path / "b"), max_iters=200, eval_interval=1000), check=False)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert "syn_train_000003.bin: token id 60000 is outside the model's vocabulary of 256" in p.stderr
+    (bad / "meta.json").write_text(json.dumps(dict(tokenizer="gpt2", vocab_size=50257)))
+    p = train(base_args(str(bad), str(tmp_path / "c")), check=False)
+    assert p.returncode != 0 and "holds gpt2's 50257 token ids but the model's vocabulary has 256" in p.stderr
+
+
 def test_dtype_aliases(data_dir, tmp_path):
     train(base_args(data_dir, str(tmp_path / "run"), dtype="fp32", max_iters=1))
     assert json.load(open(tmp_path / "run" / "header.json"))["dtype"] == "float32"
