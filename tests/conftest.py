@@ -19,3 +19,17 @@ if not torch.cuda.is_available():  # run Triton kernels in the interpreter (set 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say which tests were skipped and why, so that a missing Triton (every kernel test) cannot go unnoticed."""
+    from collections import Counter
+    reasons = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        terminalreporter.section("skipped tests")
+        for reason, n in reasons.most_common():
+            hint = " (pip install triton: the kernel tests run in its interpreter)" if "triton" in reason else ""
+            terminalreporter.write_line(f"{n} skipped: {reason}{hint}")
