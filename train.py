@@ -328,10 +328,14 @@ def log(record):
 
 
 def evaluate():
-    """Mean loss over the fixed validation set, computed on all ranks and reduced (eval/val_loss.py)."""
-    model.eval()
-    loss = evaluate_val(model, val_set, batch_size, device, autocast, rank, world_size)["loss"]
-    model.train()
+    """Mean loss over the fixed validation set, computed on all ranks and reduced (eval/val_loss.py).
+
+    Through the module inside DDP: DDP's forward broadcasts buffers, a collective that would hang when ranks run
+    different numbers of batches (a small eval_tokens leaves some ranks none)."""
+    net = model.module if ddp else model
+    net.eval()
+    loss = evaluate_val(net, val_set, batch_size, device, autocast, rank, world_size)["loss"]
+    net.train()
     return loss
 
 

@@ -113,6 +113,17 @@ def test_ddp_matches_single_process(data_dir, tmp_path):
     assert bad.returncode != 0 and "must be divisible by the number of processes (2)" in bad.stdout + bad.stderr
 
 
+def test_ddp_rank_without_validation_windows(data_dir, tmp_path):
+    # 129 tokens are 4 windows of 33 over 3 ranks: the third has none; evaluation must not hang
+    one, three = str(tmp_path / "one"), str(tmp_path / "three")
+    kw = dict(gradient_accumulation_steps=3, max_iters=2, eval_interval=1, eval_tokens=129)
+    train(base_args(data_dir, one, **kw))
+    train(base_args(data_dir, three, **kw), nproc=3)
+    val_one = [m["val_loss"] for m in metrics(one) if "val_loss" in m]
+    val_three = [m["val_loss"] for m in metrics(three) if "val_loss" in m]
+    assert len(val_three) == 3 and np.allclose(val_one, val_three, rtol=0, atol=2e-6)
+
+
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_resume_is_exact(data_dir, tmp_path, nproc):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
