@@ -761,8 +761,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, prompt_lens=None,
-                        stop_tokens=None, use_cache=True, use_kernel=True, cuda_graph=False, compile=False,
-                        fused=None, generator=None):
+                        stop_tokens=None, **kwargs):
         """Yield the next token of every sequence, (B,), max_new_tokens times (fewer if all stop).
 
         idx (B, T): prompts, right-padded when prompt_lens (B,) gives their lengths. use_cache=False
@@ -772,7 +771,42 @@ class GPT(nn.Module):
         with cuda_graph the compiled step is what is captured). fused: batch-1 T6 decodes through
         fused_decode_step (None: on CUDA, where it is faster; True: wherever it applies; False: never); it needs no
         compile, and with cuda_graph it is what is captured.
+
+        Past block_size the context slides, as nanoGPT's crop does, in jumps: when the sequence fills block_size,
+        its last 3/4 block_size tokens are prefilled again at positions 0.. and generation goes on from them (a
+        longer prompt keeps its last 3/4 block_size). Each token is then exactly what a full forward over the
+        context since the last jump gives: cached and recomputed (use_cache=False) generation agree.
         """
+        B, T = idx.shape
+        L = self.config.block_size
+        if T + max_new_tokens <= L:
+            yield from self._generate_window(idx, max_new_tokens, temperature, top_k, top_p, prompt_lens,
+                                             stop_tokens, **kwargs)
+            return
+        if prompt_lens is not None:
+            raise ValueError(f"ragged prompts (prompt_lens) plus max_new_tokens must fit the model's block_size={L} "
+                             f"(got {T} + {max_new_tokens})")
+        keep = max(1, 3 * L // 4)
+        ctx = idx if T < L else idx[:, -keep:]
+        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
+        stop = None if not stop_tokens else torch.as_tensor(sorted(stop_tokens), device=idx.device)
+        left = max_new_tokens
+        while left > 0:
+            n = min(left, L - ctx.size(1))
+            new = []
+            for tok in self._generate_window(ctx, n, temperature, top_k, top_p, None, None, **kwargs):
+                yield tok
+                new.append(tok)
+                if stop is not None:
+                    done |= torch.isin(tok, stop)
+                    if done.all():
+                        return
+            left -= n
+            ctx = torch.cat([ctx, torch.stack(new, dim=1)], dim=1)[:, -keep:]  # (B, keep) the slid context
+
+    def _generate_window(self, idx, max_new_tokens, temperature, top_k, top_p, prompt_lens, stop_tokens,
+                         use_cache=True, use_kernel=True, cuda_graph=False, compile=False, fused=None, generator=None):
+        """generate_stream within block_size."""
         B, T = idx.shape
         lens = torch.full((B,), T, device=idx.device) if prompt_lens is None else \
             torch.as_tensor(prompt_lens, device=idx.device, dtype=torch.long)

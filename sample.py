@@ -22,7 +22,7 @@ from configurator import configure
 out_dir = "out"  # a run directory (its newest checkpoint) or a ckpt_*.pt file
 start = "\n"  # the prompt, or FILE:path to read it from a file
 num_samples = 3
-max_new_tokens = 200  # prompt + max_new_tokens must fit in the model's block_size
+max_new_tokens = 200  # past the model's block_size the context slides (GPT.generate_stream)
 temperature = 0.8  # 0: greedy
 top_k = 200  # keep the k most likely tokens (1: greedy; 0: all)
 top_p = 1.0  # nucleus sampling: keep the smallest set with this much probability
@@ -64,8 +64,8 @@ if start.startswith("FILE:"):
         start = f.read()
 ids = enc.encode_ordinary(start) or [enc.eot_token]
 if len(ids) + max_new_tokens > model.config.block_size:
-    sys.exit(f"the prompt has {len(ids)} tokens: with max_new_tokens={max_new_tokens} that is more than the "
-             f"model's block_size={model.config.block_size}; shorten one of them")
+    print(f"note: {len(ids)} prompt + {max_new_tokens} new tokens exceed block_size={model.config.block_size}: the "
+          f"context slides (the last {3 * model.config.block_size // 4} tokens are kept when it fills)", file=sys.stderr)
 x = torch.tensor([ids], dtype=torch.long, device=device)
 options = dict(temperature=temperature, top_k=top_k or None, top_p=top_p, use_kernel=use_kernel, compile=compile,
                cuda_graph=cuda_graph and device.startswith("cuda"), fused=None if fused else False, stop_tokens=None)

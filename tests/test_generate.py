@@ -225,14 +225,45 @@ def test_sampling():
 def test_generate_limits_and_stops():
     model = randomize(tiny("tpa"), std=0.1)
     idx = torch.randint(0, V, (2, 10))
-    with pytest.raises(ValueError, match="block_size=256"):
-        model.generate(idx, 250)
+    with pytest.raises(ValueError, match="must fit the model's block_size=256"):
+        model.generate(idx, 250, prompt_lens=[10, 8])  # ragged prompts do not slide
     greedy = model.generate(idx, 6, top_k=1)
     stop = int(greedy[0, 12])  # the third generated token of row 0
     first = 10 + greedy[0, 10:].tolist().index(stop)
     out = model.generate(idx, 6, top_k=1, stop_tokens={stop})
     assert out[0].tolist() == greedy[0, :first + 1].tolist()  # up to and including the first stop token
     assert len(out[1]) == 16 or stop in out[1][10:].tolist()
+
+
+def sliding_reference(model, idx, n, block_size):
+    """Greedy tokens by full forwards, the context sliding as generate_stream documents (jumps to 3/4 block)."""
+    keep = 3 * block_size // 4
+    ctx, out = (idx if idx.size(1) < block_size else idx[:, -keep:]), []
+    for _ in range(n):
+        if ctx.size(1) == block_size:
+            ctx = ctx[:, -keep:]
+        tok = model(ctx)[0][:, -1].argmax(-1)
+        out.append(tok)
+        ctx = torch.cat([ctx, tok[:, None]], dim=1)
+    return torch.stack(out, dim=1)
+
+
+@pytest.mark.parametrize("attn", ["tpa", "mha", "mla"])
+def test_generation_slides_past_block_size(attn):
+    model = randomize(tiny(attn, block_size=16), std=0.1)
+    g = torch.Generator().manual_seed(0)
+    for T in (5, 16, 23):  # a short prompt, one of block_size, one longer than block_size
+        idx = torch.randint(0, V, (2, T), generator=g)
+        cached = model.generate(idx, 40, top_k=1)
+        assert cached.shape == (2, T + 40) and torch.equal(cached[:, :T], idx)
+        assert torch.equal(cached, model.generate(idx, 40, top_k=1, use_cache=False))  # cached == recomputed
+        assert torch.equal(cached[:, T:], sliding_reference(model, idx, 40, 16))
+    # stop tokens still end generation after a slide
+    idx = torch.randint(0, V, (1, 5), generator=g)
+    greedy = model.generate(idx, 40, top_k=1)
+    stop = int(greedy[0, 30])  # generated after the first slide (the cache fills at 16 tokens)
+    first = 5 + greedy[0, 5:].tolist().index(stop)
+    assert model.generate(idx, 40, top_k=1, stop_tokens={stop})[0].tolist() == greedy[0, :first + 1].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -270,7 +301,7 @@ def test_sample_py_end_to_end(tiny_run, tmp_path):
 def test_sample_py_errors(tiny_run, tmp_path):
     p = run_sample(f"--out_dir={tmp_path}")
     assert p.returncode != 0 and "holds no ckpt_NNNNNNN.pt checkpoint" in p.stderr
-    p = run_sample(f"--out_dir={tiny_run}", "--max_new_tokens=100")
-    assert p.returncode != 0 and "block_size=64" in p.stderr
+    p = run_sample(f"--out_dir={tiny_run}", "--max_new_tokens=100", "--num_samples=1")  # past block_size=64
+    assert p.returncode == 0 and "[100 tokens" in p.stderr and "the context slides" in p.stderr, p.stderr
     p = run_sample(f"--out_dir={tiny_run}", "--temprature=0.5")
     assert p.returncode != 0 and "did you mean 'temperature'" in p.stderr
