@@ -122,12 +122,16 @@ def units(files):
         elif not compressed:
             yield ("file", path, kind)
         else:
-            with _open_compressed(path) as stream:
-                if kind == "jsonl":
-                    for block in _blocks(stream):
-                        yield ("data", path, "jsonl", block)
-                else:  # a whole txt or JSON document list
-                    yield ("data", path, kind, stream.read())
+            try:
+                with _open_compressed(path) as stream:
+                    if kind == "jsonl":
+                        for block in _blocks(stream):
+                            yield ("data", path, "jsonl", block)
+                    else:  # a whole txt or JSON document list
+                        yield ("data", path, kind, stream.read())
+            except (OSError, EOFError, lzma.LZMAError) as e:  # corrupt or truncated; zstandard's error is an OSError
+                raise ValueError(f"{path}: cannot be decompressed ({type(e).__name__}: {e}); is the file complete?") \
+                    from None
 
 
 def fineweb_files(version):
@@ -182,14 +186,30 @@ def _parquet_file(path):
 
 
 def _texts_from_records(records, where):
+    """records: [(where the record is, record)] -> its texts; errors say where."""
     texts = []
-    for i, rec in enumerate(records):
+    for at, rec in records:
         if not isinstance(rec, dict) or _FIELD not in rec:
             keys = list(rec) if isinstance(rec, dict) else type(rec).__name__
-            raise ValueError(f"{where}: record {i} has no field {_FIELD!r} (it has {keys}); "
-                             f"pass --text_field=NAME")
+            raise ValueError(f"{where}: {at} has no field {_FIELD!r} (it has {keys}); pass --text_field=NAME")
         texts.append(rec[_FIELD])
     return texts
+
+
+def _json_lines(text, path, offset):
+    """(where, record) of every non-empty line; offset: the text's first byte in the file (None: decompressed)."""
+    records, pos = [], 0
+    for line in text.split("\n"):
+        if line.strip():
+            at = f"the line at byte {offset + len(text[:pos].encode())}" if offset is not None else \
+                f"the line starting {line[:40]!r}"
+            try:
+                records.append((at, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: {at} is not valid JSON ({e.msg} at column {e.colno}); a truncated or "
+                                 f"damaged line?") from None
+        pos += len(line) + 1
+    return records
 
 
 def _texts(unit):
@@ -200,23 +220,33 @@ def _texts(unit):
         if _FIELD not in pf.schema_arrow.names:
             raise ValueError(f"{path}: no column {_FIELD!r} (columns: {pf.schema_arrow.names}); pass --text_field=NAME")
         return pf.read_row_group(group, columns=[_FIELD]).column(0).to_pylist()
+    offset = 0  # the data's first byte in the file; None for decompressed data
     if kind == "lines":
-        _, path, start, end = unit
+        _, path, offset, end = unit
         with open(path, "rb") as f:
-            f.seek(start)
-            data, fmt = f.read(end - start), "jsonl"
+            f.seek(offset)
+            data, fmt = f.read(end - offset), "jsonl"
     elif kind == "file":
         _, path, fmt = unit
         with open(path, "rb") as f:
             data = f.read()
     else:
         _, path, fmt, data = unit
-    text = data.decode("utf-8")
+        offset = None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = f"byte {offset + e.start}" if offset is not None else f"byte {e.start} of a decompressed block"
+        raise ValueError(f"{path}: not UTF-8 text at {at} ({e.reason}); convert the file to UTF-8") from None
     if fmt == "txt":
         return [text]
     if fmt == "json" and text.lstrip().startswith("["):
-        return _texts_from_records(json.loads(text), path)
-    return _texts_from_records([json.loads(line) for line in text.split("\n") if line.strip()], path)
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+        return _texts_from_records([(f"record {i}", r) for i, r in enumerate(records)], path)
+    return _texts_from_records(_json_lines(text, path, offset), path)
 
 
 def to_uint16(ids, where=""):
@@ -231,7 +261,10 @@ def tokenize_unit(unit):
     """One work unit -> uint16 tokens, each document prefixed with EOT."""
     eot = np.array([_ENC.eot_token])
     parts = []
-    for text in _texts(unit):
+    for i, text in enumerate(_texts(unit)):
+        if not isinstance(text, str):
+            where = f"row group {unit[2]}, row {i}" if unit[0] == "parquet" else f"document {i} of this part"
+            raise ValueError(f"{unit[1]}: {where}: the {_FIELD!r} field holds {type(text).__name__}, not text")
         parts.append(eot)
         # = encode_ordinary (special-token strings are plain text), straight into numpy
         parts.append(_ENC.encode_to_numpy(text, disallowed_special=()))
@@ -501,4 +534,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # bad input: the message names the file
+        sys.exit(f"prepare: {e}")

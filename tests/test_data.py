@@ -2,9 +2,12 @@
 
 import errno
 import glob
+import gzip
 import json
 import lzma
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -15,7 +18,7 @@ import data.prepare as prep
 from data.loader import TrainLoader, ValSet, find_shards
 from data.shards import HEADER_BYTES, open_shard, read_header, write_shard
 
-from conftest import SHARED
+from conftest import ROOT, SHARED
 
 WIKI_VAL = os.path.join(SHARED, "enwiki_wikiextractor", "enwiki_wikiextractor_val.jsonl.xz")
 SHAKESPEARE = os.path.join(SHARED, "tinyshakespeare", "input.txt")
@@ -137,7 +140,7 @@ def test_shakespeare_cli(tmp_path, capsys):
 
 def test_prep_errors(tmp_path, monkeypatch):
     (tmp_path / "a.jsonl").write_text(json.dumps({"content": "hello"}) + "\n")
-    with pytest.raises(ValueError, match="record 0 has no field 'text'.*--text_field"):
+    with pytest.raises(ValueError, match="a.jsonl: the line at byte 0 has no field 'text'.*--text_field"):
         run([str(tmp_path / "a.jsonl")], tmp_path / "o1", workers=1)
     meta = run([str(tmp_path / "a.jsonl")], tmp_path / "o2", workers=1, text_field="content", val_tokens=1)
     assert meta["tokens"] == dict(val=1, train=1)
@@ -156,6 +159,34 @@ def test_prep_errors(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "write_shard", full_disk)
     with pytest.raises(SystemExit, match="disk full while writing wiki_val_000000.bin"):
         run([str(tmp_path / "a.jsonl")], tmp_path / "o5", workers=1, text_field="content", val_tokens=1)
+
+
+def test_prep_bad_input_names_the_file_and_the_place(tmp_path):
+    good = json.dumps({"text": "fine"}) + "\n"
+    cases = {
+        "bytes.jsonl": (good.encode() + b'{"text": "caf\xe9"}\n', r"bytes.jsonl: not UTF-8 text at byte 30"),
+        "bytes.txt": (b"ok \xff\xfe", r"bytes.txt: not UTF-8 text at byte 3"),
+        "cut.jsonl": ((good + '{"text": "cut sho').encode(), r"cut.jsonl: the line at byte 17 is not valid JSON"),
+        "number.jsonl": ((good + '{"text": 5}\n').encode(), r"number.jsonl: document 1 of this part: the 'text' field "
+                                                              r"holds int, not text"),
+        "list.json": (b'[{"text": "a"}, {"text": ', r"list.json: not valid JSON"),
+        "cut.jsonl.xz": (lzma.compress((good * 50).encode())[:-20], r"cut.jsonl.xz: cannot be decompressed"),
+        "junk.jsonl.gz": (b"not gzip at all", r"junk.jsonl.gz: cannot be decompressed"),
+        "cut.jsonl.gz": (gzip.compress(b'{"text": "a"}\n{"te'), r"""cut.jsonl.gz: the line starting '{"te' is not"""),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(ValueError, match=message):
+            run([str(tmp_path / name)], tmp_path / ("o_" + name), workers=1, val_tokens=1)
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+    pq.write_table(pa.table({"text": ["a", None, "b"]}), str(tmp_path / "none.parquet"))
+    with pytest.raises(ValueError, match=r"none.parquet: row group 0, row 1: the 'text' field holds NoneType"):
+        run([str(tmp_path / "none.parquet")], tmp_path / "o_parquet", workers=1, val_tokens=1)
+    # the command line prints the message, not a traceback
+    p = subprocess.run([sys.executable, "data/prepare.py", str(tmp_path / "cut.jsonl"), f"--out_dir={tmp_path / 'cli'}",
+                        "--workers=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and "Traceback" not in p.stderr and "prepare: " in p.stderr and "cut.jsonl" in p.stderr
 
 
 def test_tokenizer_too_large(tmp_path, monkeypatch):
