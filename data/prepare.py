@@ -30,7 +30,9 @@ import json
 import lzma
 import multiprocessing as mp
 import os
+import random
 import sys
+import time
 import urllib.request
 from collections import deque
 
@@ -47,6 +49,7 @@ CHUNK_BYTES = 1 << 20  # JSON-lines work units: ~1 MB of text (small units keep 
 # the shards do not depend on it, a resume state does: it is saved with the state and checked)
 COMPRESSION = {".gz": gzip.open, ".xz": lzma.open, ".zst": None, ".bz2": bz2.open}
 STATE, META = "prepare_state.json", "meta.json"
+RETRIES, BACKOFF_S, BACKOFF_CAP_S = 8, 1.0, 60.0  # transient read errors: 1, 2, 4, ... 60 s (+ jitter), then give up
 
 
 # -----------------------------------------------------------------------------
@@ -105,6 +108,33 @@ def _blocks(stream):
         yield data[:cut]
 
 
+def _transient(e):
+    """A read error worth retrying: a reset, a timeout, HTTP 429 or 5xx; not a missing file or a refused access."""
+    if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)):
+        return False
+    status = getattr(getattr(e, "response", None), "status_code", None)
+    if status is not None:
+        return status == 429 or status >= 500
+    return isinstance(e, (OSError, TimeoutError, ConnectionError, EOFError))
+
+
+def with_retries(read, what, on_retry=None, sleep=time.sleep):
+    """read() again after a transient error, with exponential backoff and jitter, up to RETRIES times; then a clear
+    error naming what was read. on_retry() drops state that the failure may have broken (an open file)."""
+    for attempt in range(RETRIES + 1):
+        try:
+            return read()
+        except Exception as e:
+            if not _transient(e):
+                raise
+            if attempt == RETRIES:
+                raise ValueError(f"{what}: still failing after {RETRIES} retries ({type(e).__name__}: {e}); run the "
+                                 f"same command again later to resume (HF_TOKEN raises the hub's rate limits)") from e
+            if on_retry:
+                on_retry()
+            sleep(min(BACKOFF_CAP_S, BACKOFF_S * 2 ** attempt) * random.uniform(0.5, 1.5))
+
+
 def units(files):
     """Work units of a list of files or URLs, in a fixed order."""
     for path in files:
@@ -112,9 +142,11 @@ def units(files):
         if kind == "parquet":
             import fsspec
             import pyarrow.parquet as pq
-            with fsspec.open(path, "rb") as f:
-                n_groups = pq.ParquetFile(f).num_row_groups
-            for g in range(n_groups):
+
+            def row_groups():
+                with fsspec.open(path, "rb") as f:
+                    return pq.ParquetFile(f).num_row_groups
+            for g in range(with_retries(row_groups, path)):
                 yield ("parquet", path, g)
         elif not compressed and kind == "jsonl":
             for start, end in _line_ranges(path):
@@ -178,11 +210,19 @@ def _parquet_file(path):
     if _PARQUET[0] != path:
         import fsspec
         import pyarrow.parquet as pq
-        if _PARQUET[1] is not None:
-            _PARQUET[1].close()
+        _close_parquet_file()
         f = fsspec.open(path, "rb").open()
         _PARQUET[:] = [path, f, pq.ParquetFile(f)]
     return _PARQUET[2]
+
+
+def _close_parquet_file():
+    if _PARQUET[1] is not None:
+        try:
+            _PARQUET[1].close()
+        except Exception:  # a connection that already failed
+            pass
+    _PARQUET[:] = [None, None, None]
 
 
 def _texts_from_records(records, where):
@@ -216,10 +256,14 @@ def _texts(unit):
     kind = unit[0]
     if kind == "parquet":
         _, path, group = unit
-        pf = _parquet_file(path)
-        if _FIELD not in pf.schema_arrow.names:
-            raise ValueError(f"{path}: no column {_FIELD!r} (columns: {pf.schema_arrow.names}); pass --text_field=NAME")
-        return pf.read_row_group(group, columns=[_FIELD]).column(0).to_pylist()
+
+        def read():
+            pf = _parquet_file(path)
+            if _FIELD not in pf.schema_arrow.names:
+                raise ValueError(f"{path}: no column {_FIELD!r} (columns: {pf.schema_arrow.names}); "
+                                 f"pass --text_field=NAME")
+            return pf.read_row_group(group, columns=[_FIELD]).column(0).to_pylist()
+        return with_retries(read, f"{path}, row group {group}", on_retry=_close_parquet_file)
     offset = 0  # the data's first byte in the file; None for decompressed data
     if kind == "lines":
         _, path, offset, end = unit
@@ -344,6 +388,23 @@ def save_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+class _InProcess:
+    """workers=0: the pool's calls, run in this process (a debugger, or a filesystem registered here, reaches them)."""
+
+    def __init__(self, tokenizer, text_field):
+        _init_worker(tokenizer, text_field)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def apply_async(self, fn, args):
+        result = fn(*args)
+        return type("Done", (), {"get": staticmethod(lambda: result)})
+
+
 def prepare(files, out_dir, prefix, source, tokenizer="gpt2", workers=None, shard_size=10 ** 8, val_tokens=None,
             max_tokens=0, text_field="text", overwrite=False, total_hint=None, progress=True):
     """Tokenize files into shards in out_dir; returns the meta dict. See the module docstring."""
@@ -351,7 +412,7 @@ def prepare(files, out_dir, prefix, source, tokenizer="gpt2", workers=None, shar
     enc = tiktoken.get_encoding(tokenizer)
     if enc.n_vocab > 2 ** 16:
         raise ValueError(f"tokenizer {tokenizer!r} has {enc.n_vocab} tokens; the uint16 shard format holds ids < 65536")
-    workers = workers or os.cpu_count()
+    workers = os.cpu_count() if workers is None else workers
     val_tokens = shard_size if val_tokens is None else val_tokens
     args = dict(source=source, files=list(files), tokenizer=tokenizer, shard_size=shard_size, val_tokens=val_tokens,
                 max_tokens=max_tokens, text_field=text_field, chunk_bytes=CHUNK_BYTES)
@@ -372,7 +433,8 @@ def prepare(files, out_dir, prefix, source, tokenizer="gpt2", workers=None, shar
     # inherits held (a test run hung that way); forkserver forks a clean single-threaded server instead
     ctx = mp.get_context("forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn")
     try:
-        with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, text_field)) as pool:
+        with (ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer, text_field)) if workers
+              else _InProcess(tokenizer, text_field)) as pool:
             pending = deque()
 
             def drain_one():
@@ -384,7 +446,7 @@ def prepare(files, out_dir, prefix, source, tokenizer="gpt2", workers=None, shar
                 if u < resume_unit:
                     continue  # already in complete shards
                 pending.append((u, pool.apply_async(tokenize_unit, (unit,))))
-                while len(pending) >= 2 * workers:
+                while len(pending) >= max(1, 2 * workers):
                     drain_one()
                 if writer.full():
                     break
@@ -492,7 +554,8 @@ def main(argv=None):
     parser.add_argument("source", nargs="+", help="fineweb-edu | shakespeare | check DIR | local files or globs")
     parser.add_argument("--out_dir", help="output folder (default: data/<source>)")
     parser.add_argument("--version", default="10B", choices=list(FINEWEB_VERSIONS), help="FineWeb-Edu sample")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="tokenizer processes")
+    parser.add_argument("--workers", type=int, default=os.cpu_count(),
+                        help="tokenizer processes (0: tokenize in this process)")
     parser.add_argument("--shard_size", type=int, default=10 ** 8, help="tokens per shard")
     parser.add_argument("--val_tokens", type=int, default=None,
                         help="tokens in the val split (default: one shard, as in the paper; shakespeare: 32768)")

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import fsspec
 import numpy as np
 import pytest
 import tiktoken
@@ -187,6 +188,101 @@ def test_prep_bad_input_names_the_file_and_the_place(tmp_path):
     p = subprocess.run([sys.executable, "data/prepare.py", str(tmp_path / "cut.jsonl"), f"--out_dir={tmp_path / 'cli'}",
                         "--workers=1"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0 and "Traceback" not in p.stderr and "prepare: " in p.stderr and "cut.jsonl" in p.stderr
+
+
+class _FlakyFile:
+    """A local file whose reads fail at random, as a hub connection does (resets, timeouts, 429s)."""
+
+    def __init__(self, f, fs):
+        self.f, self.fs = f, fs
+
+    def read(self, *args):
+        if self.fs.rng.random() < self.fs.fail:
+            self.fs.failures += 1
+            raise ConnectionError("injected fault: connection reset by peer")
+        return self.f.read(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def flaky_filesystem(fail, seed=0):
+    """An fsspec filesystem, flaky://<absolute path>, over local files, whose reads fail with probability fail."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    class FlakyFileSystem(LocalFileSystem):
+        protocol = "flaky"
+        rng, failures = np.random.default_rng(seed), 0
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            return super()._strip_protocol(str(path).removeprefix("flaky://"))
+
+        def _open(self, path, mode="rb", **kw):
+            return _FlakyFile(super()._open(path, mode, **kw), type(self))
+
+    FlakyFileSystem.fail = fail
+    fsspec.register_implementation("flaky", FlakyFileSystem, clobber=True)
+    return FlakyFileSystem
+
+
+def write_parquets(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    rng = np.random.default_rng(1)
+    words = ["tensor", "product", "attention", "is", "all", "you", "need", "the", "cache", "rank"]
+    paths = []
+    for i in range(3):
+        docs = [" ".join(rng.choice(words, rng.integers(5, 60))) for _ in range(40)]
+        path = str(tmp_path / f"part_{i}.parquet")
+        pq.write_table(pa.table({"text": docs}), path, row_group_size=7)  # 6 row groups each
+        paths.append(path)
+    return paths
+
+
+def test_hub_reads_retry_transient_errors_and_give_identical_shards(tmp_path, monkeypatch):
+    pytest.importorskip("pyarrow")
+    monkeypatch.setattr(prep, "BACKOFF_S", 0.0)  # no real waiting in a test
+    paths = write_parquets(tmp_path)
+    clean = run(paths, tmp_path / "clean", workers=2, val_tokens=500, shard_size=1500)
+    fs = flaky_filesystem(fail=0.3)
+    flaky = run([f"flaky://{p}" for p in paths], tmp_path / "flaky", workers=0, val_tokens=500, shard_size=1500)
+    assert fs.failures >= 5  # reads failed and were retried
+    assert flaky["tokens"] == clean["tokens"] and len(clean["shards"]) >= 4
+    for shard in clean["shards"]:
+        assert open(tmp_path / "clean" / shard["name"], "rb").read() == \
+            open(tmp_path / "flaky" / shard["name"], "rb").read()
+    flaky_filesystem(fail=1.0)  # a connection that never comes back: a clear error after the retries
+    with pytest.raises(ValueError, match=r"part_0.parquet: still failing after 8 retries .*HF_TOKEN"):
+        run([f"flaky://{paths[0]}"], tmp_path / "down", workers=0, val_tokens=500)
+
+
+def test_which_read_errors_are_retried():
+    class HTTPError(OSError):
+        def __init__(self, status):
+            self.response = type("R", (), {"status_code": status})()
+    assert all(prep._transient(e) for e in (HTTPError(429), HTTPError(503), ConnectionError("reset"),
+                                             TimeoutError("slow"), OSError("broken pipe")))
+    assert not any(prep._transient(e) for e in (HTTPError(404), HTTPError(401), FileNotFoundError("x"),
+                                                 ValueError("bad"), PermissionError("no")))
+    calls, sleeps = [], []
+
+    def read():
+        calls.append(1)
+        if len(calls) < 3:
+            raise HTTPError(503)
+        return "ok"
+    assert prep.with_retries(read, "x", sleep=sleeps.append) == "ok" and len(calls) == 3
+    assert 0.5 <= sleeps[0] <= 1.5 and 1.0 <= sleeps[1] <= 3.0  # exponential backoff with jitter
+    with pytest.raises(FileNotFoundError):  # not retried
+        prep.with_retries(lambda: open("/nonexistent/file"), "x", sleep=sleeps.append)
+    assert len(sleeps) == 2
 
 
 def test_tokenizer_too_large(tmp_path, monkeypatch):
