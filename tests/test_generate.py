@@ -305,7 +305,7 @@ def test_sample_py_errors(tiny_run, tmp_path):
     assert p.returncode == 0 and "[100 tokens" in p.stderr and "the context slides" in p.stderr, p.stderr
     p = run_sample(f"--out_dir={tiny_run}", "--temprature=0.5")
     assert p.returncode != 0 and "did you mean 'temperature'" in p.stderr
-    for bad, message in (("--top_p=0", "top_p=0.0 must be in (0, 1]"), ("--temperature=-1", "temperature=-1 must be"),
+    for bad, message in (("--top_p=0", "top_p=0.0 must be in (0, 1]"), ("--temperature=-1", "temperature=-1.0 must be"),
                          ("--dtype=bf17", "dtype='bf17' must be one of auto, bfloat16"),
                          ("--num_samples=0", "num_samples=0 must be >= 1")):
         p = run_sample(f"--out_dir={tiny_run}", bad)
