@@ -1,10 +1,12 @@
 """eval/: the lm-eval adapter against direct computation, the harness end to end, and val_loss vs train.py."""
 
 import json
+import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import tiktoken
 import torch
@@ -178,3 +180,30 @@ def test_val_loss_equals_train_eval(tiny_run):  # noqa: F811
     assert got["iter_num"] == logged["iter"] == 2
     assert got["loss"] == pytest.approx(logged["val_loss"], abs=1e-5)  # train.py used batch 2, here batch 3
     assert got["tokens"] == (256 - 1) // 64 * 64 and got["bpb"] > 0 and got["ppl"] == pytest.approx(2.718281828 ** got["loss"])
+
+
+def test_bits_per_byte_counts_text_bytes_only(tmp_path):
+    """A model that predicts the uniform distribution (zero logits: loss ln V per token) on documents of known
+    bytes: bpb is (text targets x ln V / ln 2) / (their bytes); <|endoftext|> counts in neither."""
+    from data.loader import ValSet
+    from data.shards import write_shard
+    from eval.val_loss import bits_per_byte, evaluate
+    enc = tiktoken.get_encoding("gpt2")
+    docs = ["Tensor products.", "naïve café — ünïcode text", "A third, longer document about attention heads."]
+    tokens = []
+    for d in docs:
+        tokens += [enc.eot_token] + enc.encode_ordinary(d)
+    for split in ("train", "val"):
+        write_shard(str(tmp_path / f"d_{split}_000000.bin"), np.array(tokens, dtype=np.uint16))
+    n = len(tokens)
+    model = GPT(model_config("tiny", "mha", block_size=n - 1))
+    with torch.no_grad():
+        model.lm_head.weight.zero_()  # logits 0: every token has probability 1 / V
+    val = ValSet(str(tmp_path), n - 1, n)  # one window: every token after the first is a target
+    V = model.config.vocab_size
+    got = bits_per_byte(model, val, 2)
+    hand_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    assert got["bytes"] == hand_bytes and got["text_tokens"] == n - 1 - (len(docs) - 1)
+    assert got["bpb"] == pytest.approx(got["text_tokens"] * math.log(V) / math.log(2) / hand_bytes, rel=1e-6)
+    everything = evaluate(model, val, 2)  # the plain loss still counts every target
+    assert everything["tokens"] == n - 1 and everything["loss"] == pytest.approx(math.log(V), rel=1e-6)
