@@ -7,15 +7,20 @@ Downstream evaluation with lm-evaluation-harness (pip `lm-eval`), the paper's su
 
 `paper` is ARC-E, ARC-C, BoolQ, HellaSwag, OBQA, PIQA, WinoGrande, MMLU and SciQ with the paper's metric per
 task (acc_norm, or acc for BoolQ, WinoGrande and MMLU); any harness task or group name works too. The table
-(one row per shot setting, the average last) is printed and saved as harness.json and harness.md next to the
-checkpoint. The model is TPALM, registered with the harness as "tpa": a TemplateLM over our checkpoints and
-GPT-2 tokenizer, with batched loglikelihoods (longest first, contexts cut from the left to the block size),
-rolling loglikelihoods for perplexity tasks, and generate_until through GPT.generate with the KV cache.
+(one row per shot setting, the average of the paper's tasks last) is printed and saved, with lm-eval's record of
+every sample (samples_<task>_<shots>shot.jsonl), in a new folder beside the checkpoint (--output_path): harness.json
+also records the lm-eval and task versions, the limit, the shots and the checkpoint's iteration. Every task's data
+is loaded before the model, so a missing one is reported at once. The model is TPALM, registered with the harness
+as "tpa": a TemplateLM over our checkpoints and GPT-2 tokenizer, with batched loglikelihoods (longest first,
+contexts cut from the left to the block size), rolling loglikelihoods for perplexity tasks, and generate_until
+through GPT.generate with the KV cache.
 """
 
 import argparse
 import json
 import os
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +44,13 @@ class TPALM(TemplateLM):
                  use_kernel=True):
         super().__init__()
         import tiktoken
+        self.iter_num = None
         if model is None:
             from checkpoint import load_model
             dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
             model, ckpt = load_model(ckpt_dir, device=device, dtype=dt)
             tokenizer = ckpt.get("meta", {}).get("tokenizer", tokenizer)
+            self.iter_num = ckpt["iter_num"]
         self.model, self.device_name = model.eval(), device
         self.enc = tiktoken.get_encoding(tokenizer)
         self.batch_size_per_gpu = int(batch_size)
@@ -121,10 +128,17 @@ class TPALM(TemplateLM):
         return results
 
 
-def paper_table(results_by_shot, tasks):
-    """{shots: lm-eval results} -> (rows for JSON, markdown): one row per shot setting, the average last."""
+def paper_table(results_by_shot, tasks, avg="paper", limit=None):
+    """{shots: lm-eval results} -> (rows for JSON, markdown): one row per shot setting, the average last.
+
+    avg="paper" averages the paper's tasks among those run (all the tasks run if none is the paper's); "all"
+    averages every task. A row's average over fewer than the paper's nine tasks, or with a task that has no
+    score, is marked partial; a limited run's table says so above it."""
     names = [PAPER_NAMES.get(t, t) for t in tasks]
-    rows, lines = [], ["| shots | " + " | ".join(names) + " | Avg |", "|---" * (len(tasks) + 2) + "|"]
+    avg_tasks = [t for t in tasks if t in PAPER_TASKS] if avg == "paper" else list(tasks)
+    if not avg_tasks:
+        avg_tasks = list(tasks)
+    rows, lines = [], []
     for shots, res in results_by_shot.items():
         scores = {}
         for task in tasks:
@@ -133,12 +147,65 @@ def paper_table(results_by_shot, tasks):
                                                    None)
             value = metrics.get(f"{metric},none") if metric else None
             scores[task] = dict(metric=metric, value=100 * value if isinstance(value, (int, float)) else None)
-        values = [s["value"] for s in scores.values() if s["value"] is not None]
-        avg = sum(values) / len(values) if values else None
-        rows.append(dict(shots=shots, scores=scores, avg=avg))
+        values = [scores[t]["value"] for t in avg_tasks if scores[t]["value"] is not None]
+        mean = sum(values) / len(values) if values else None
+        partial = len(values) < len(avg_tasks) or (avg == "paper" and set(avg_tasks) <= set(PAPER_TASKS)
+                                                    and len(values) < len(PAPER_TASKS))
+        rows.append(dict(shots=shots, scores=scores, avg=mean, avg_tasks=avg_tasks, avg_partial=partial))
         cells = [f"{s['value']:.2f}" if s["value"] is not None else "-" for s in scores.values()]
-        lines.append(f"| {shots} | " + " | ".join(cells) + (f" | {avg:.2f} |" if avg is not None else " | - |"))
-    return rows, "\n".join(lines)
+        avg_cell = "-" if mean is None else f"{mean:.2f}" + (f" ({len(values)} of {len(PAPER_TASKS)} paper tasks)"
+                                                             if partial and avg == "paper" else " (partial)" if partial
+                                                             else "")
+        lines.append(f"| {shots} | " + " | ".join(cells) + f" | {avg_cell} |")
+    label = "Avg" if avg == "paper" and set(avg_tasks) <= set(PAPER_TASKS) else f"Avg ({len(avg_tasks)} tasks)"
+    head = ["| shots | " + " | ".join(names) + f" | {label} |", "|---" * (len(tasks) + 2) + "|"]
+    note = [f"**Limited run: at most {limit:g} examples per task; not comparable with full runs.**", ""] if limit else []
+    return rows, "\n".join(note + head + lines)
+
+
+MISSING_HELP = """
+Task data comes from the Hugging Face hub and is cached under ~/.cache/huggingface: run once with internet access
+(HF_DATASETS_OFFLINE=1 afterwards), or write task YAMLs that read local files and pass their folder with
+--include_path (README, "Evaluation")."""
+
+
+def check_tasks(tasks, manager):
+    """Load every task's data before the model is loaded: one message listing each task that cannot be loaded."""
+    missing = []
+    for task in tasks:
+        try:
+            manager.load([task])  # builds the task, which loads its data
+        except Exception as e:  # an unknown name, no network, a missing local file: lm-eval raises many kinds
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            missing.append(f"  {task}: {type(e).__name__}: {first}")
+    if missing:
+        raise SystemExit("these tasks cannot be loaded (checked before loading the model):\n" + "\n".join(missing)
+                         + MISSING_HELP)
+
+
+def output_dir(path, ckpt_path, iter_num):
+    """A new folder for this run's results: path, or harness_<iteration>_<time> beside the checkpoint; results are
+    never written over."""
+    if path:
+        if os.path.isdir(path) and os.listdir(path):
+            raise SystemExit(f"{path} already holds files; results are never written over: choose another "
+                             f"--output_path, or leave it out for a new folder beside the checkpoint")
+    else:
+        base = os.path.join(os.path.dirname(ckpt_path), f"harness_{iter_num:07d}_{time.strftime('%Y%m%d-%H%M%S')}")
+        path, k = base, 1
+        while os.path.exists(path):
+            k += 1
+            path = f"{base}_{k}"
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def write_samples(out_dir, shots, samples):
+    """lm-eval's per-sample records, one JSON line each: samples_<task>_<shots>shot.jsonl."""
+    for task, records in samples.items():
+        with open(os.path.join(out_dir, f"samples_{task}_{shots}shot.jsonl"), "w") as f:
+            for r in records:
+                f.write(json.dumps(r, default=str) + "\n")
 
 
 def main(argv=None):
@@ -151,32 +218,48 @@ def main(argv=None):
     parser.add_argument("--dtype", default="float32", help="float32 (as the paper's harness runs), bfloat16, float16")
     parser.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
     parser.add_argument("--include_path", default=None, help="a folder of local task YAMLs")
-    parser.add_argument("--out_dir", default=None, help="where to save harness.json / .md (default: beside the checkpoint)")
+    parser.add_argument("--avg", default="paper", choices=["paper", "all"],
+                        help="average the paper's tasks (default) or every task run")
+    parser.add_argument("--output_path", default=None,
+                        help="a new folder for the results (default: harness_<iter>_<time> beside the checkpoint)")
     args = parser.parse_args(argv)
+    import importlib.metadata
+
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
+
+    from checkpoint import find_checkpoint
     tasks = list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
-    lm = TPALM(ckpt_dir=args.ckpt_dir, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    try:
+        ckpt_path = find_checkpoint(args.ckpt_dir)
+    except FileNotFoundError as e:
+        raise SystemExit(f"cannot load a checkpoint: {e}")
     manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
+    check_tasks(tasks, manager)
+    lm = TPALM(ckpt_dir=ckpt_path, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
+    out_dir = output_dir(args.output_path, ckpt_path, lm.iter_num)
     by_shot = {}
     for shots in (int(s) for s in args.num_fewshot.split(",")):
         try:
             by_shot[shots] = simple_evaluate(model=lm, tasks=tasks, num_fewshot=shots, limit=args.limit,
-                                             task_manager=manager, log_samples=False, bootstrap_iters=0)
+                                             task_manager=manager, log_samples=True, bootstrap_iters=0)
         except ConnectionError as e:
-            raise SystemExit(f"{e}\nthe task data is not in the local datasets cache: run once with internet access "
-                             f"(or point local task YAMLs at the files with --include_path, see the README)")
-    rows, table = paper_table(by_shot, tasks)
+            raise SystemExit(f"{e}{MISSING_HELP}")
+        write_samples(out_dir, shots, by_shot[shots].pop("samples"))
+    rows, table = paper_table(by_shot, tasks, args.avg, args.limit)
+    version = importlib.metadata.version("lm_eval")
     print(table)
-    from checkpoint import find_checkpoint
-    ckpt = find_checkpoint(args.ckpt_dir)
-    out_dir = args.out_dir or os.path.dirname(ckpt)
+    meta = dict(checkpoint=ckpt_path, iter_num=lm.iter_num, tasks=tasks, shots=list(by_shot), limit=args.limit,
+                avg=args.avg, dtype=args.dtype, lm_eval_version=version, argv=sys.argv if argv is None else argv,
+                date=time.strftime("%Y-%m-%d %H:%M:%S"),
+                task_versions={s: r.get("versions") for s, r in by_shot.items()},
+                n_samples={s: r.get("n-samples") for s, r in by_shot.items()})
     with open(os.path.join(out_dir, "harness.json"), "w") as f:
-        json.dump(dict(checkpoint=ckpt, tasks=tasks, limit=args.limit, rows=rows,
-                       raw={s: r["results"] for s, r in by_shot.items()}), f, indent=1, default=str)
+        json.dump(dict(meta, rows=rows, raw={s: r["results"] for s, r in by_shot.items()}), f, indent=1, default=str)
     with open(os.path.join(out_dir, "harness.md"), "w") as f:
-        f.write(f"{ckpt}\n\n{table}\n")
-    return rows
+        f.write(f"{ckpt_path} (iteration {lm.iter_num}), lm-eval {version}, {args.dtype}\n\n{table}\n")
+    print(f"results and per-sample logs: {out_dir}")
+    return rows, out_dir
 
 
 if __name__ == "__main__":

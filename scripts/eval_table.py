@@ -1,20 +1,25 @@
 """
 Collect harness results of several checkpoints into one table like the paper's Tables 2-3.
 
-    python -m scripts.eval_table out/medium_mha out/medium_tpa out/medium_mla   # their harness.json
+    python -m scripts.eval_table out/medium_mha out/medium_tpa out/medium_mla   # their newest harness results
     python -m scripts.eval_table out/*_medium --shots=2 --names=MHA,T6
+    python -m scripts.eval_table out/medium_tpa/harness_0100000_20261202-101500 out/x/harness.json
 
-Each argument is a run directory (or a harness.json) written by `python -m eval.harness`. One table per shot
-setting: a row per checkpoint, a column per task (the paper's metric), the average last.
+Each argument is a run directory (its newest harness_*/ folder), a results folder or a harness.json written by
+`python -m eval.harness`. One table per shot setting: a row per checkpoint, a column per task (the paper's
+metric), the average last. Limited runs (--limit) and averages over fewer than the paper's tasks are marked.
 """
 
 import argparse
+import glob
 import json
 import os
 
 
 def load(path):
-    path = os.path.join(path, "harness.json") if os.path.isdir(path) else path
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "harness_*", "harness.json")), key=os.path.getmtime)
+        path = found[-1] if found else os.path.join(path, "harness.json")
     if not os.path.exists(path):
         raise SystemExit(f"{path} does not exist: run python -m eval.harness --ckpt_dir=... first")
     with open(path) as f:
@@ -26,6 +31,7 @@ def tables(results, names, shots=None):
     from eval.harness import PAPER_NAMES
     out = []
     all_shots = sorted({row["shots"] for r in results for row in r["rows"]})
+    limited = any(r.get("limit") for r in results)
     for s in [x for x in all_shots if shots is None or x in shots]:
         lines = [f"{s}-shot", "", "| Method | " + " | ".join(PAPER_NAMES.get(t, t) for t in tasks) + " | Avg |",
                  "|---" * (len(tasks) + 2) + "|"]
@@ -34,9 +40,15 @@ def tables(results, names, shots=None):
             if row is None:
                 continue
             cells = [row["scores"].get(t, {}).get("value") for t in tasks]
+            avg = "-" if row["avg"] is None else f"{row['avg']:.2f}" + (" (partial)" if row.get("avg_partial") else "")
+            name = f"{name} (limit {r['limit']:g})" if r.get("limit") else name
             lines.append(f"| {name} | " + " | ".join(f"{c:.2f}" if c is not None else "-" for c in cells)
-                         + (f" | {row['avg']:.2f} |" if row["avg"] is not None else " | - |"))
+                         + f" | {avg} |")
         out.append("\n".join(lines))
+    if limited:
+        out.append("Rows marked (limit N) scored at most N examples per task: not comparable with full runs.")
+    versions = sorted({r.get("lm_eval_version", "unknown") for r in results})
+    out.append(f"lm-eval {', '.join(versions)}")
     return "\n\n".join(out)
 
 

@@ -31,6 +31,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -302,10 +303,13 @@ def evaluate(run, kind, sweep, prefix, pass_fds):
             f"--dtype={run.config['dtype']}"]
         result = os.path.join(run.out_dir, "val_loss.json")
     else:
+        folder = os.path.join(run.out_dir, "harness_sweep")
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)  # this sweep's own, from an attempt that failed
         cmd = [sys.executable, "-m", "eval.harness", f"--ckpt_dir={run.out_dir}", f"--tasks={sweep['harness_tasks']}",
-               f"--out_dir={run.out_dir}"] + sweep["harness_args"].split()
-        result = os.path.join(run.out_dir, "harness.json")
-    if os.path.exists(result):
+               f"--output_path={folder}"] + sweep["harness_args"].split()
+        result = os.path.join(folder, "harness.json")
+    if os.path.isfile(result):
         os.remove(result)  # a stale result must not pass for this one
     code = stream(cmd, os.path.join(run.out_dir, "eval.log"), prefix, pass_fds=pass_fds)
     if code != 0 or not os.path.exists(result):

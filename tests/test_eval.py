@@ -146,20 +146,76 @@ def test_harness_end_to_end(tiny_run, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     write_tasks(tmp_path / "tasks")
     from eval.harness import main
-    rows = main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc,toy_ll", "--num_fewshot=0,2", "--batch_size=8",
-                 "--device=cpu", f"--include_path={tmp_path / 'tasks'}"])
+    rows, out = main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc,toy_ll", "--num_fewshot=0,2", "--batch_size=8",
+                      "--device=cpu", f"--include_path={tmp_path / 'tasks'}"])
     assert [r["shots"] for r in rows] == [0, 2]
+    assert os.path.dirname(out) == tiny_run and os.path.basename(out).startswith("harness_0000002_")
     for r in rows:
         mc = r["scores"]["toy_mc"]
         assert mc["metric"] == "acc_norm" and 5 <= mc["value"] <= 50  # a random model: near 25% chance
         assert r["scores"]["toy_ll"]["metric"] == "acc" and r["avg"] is not None
-    table = open(os.path.join(tiny_run, "harness.md")).read()
-    assert "| shots | toy_mc | toy_ll | Avg |" in table and "| 2 |" in table
-    saved = json.load(open(os.path.join(tiny_run, "harness.json")))
-    assert saved["tasks"] == ["toy_mc", "toy_ll"] and len(saved["rows"]) == 2
-    out = subprocess.run([sys.executable, "-m", "scripts.eval_table", tiny_run, "--names=T6"], cwd=ROOT,
-                         capture_output=True, text=True)
-    assert out.returncode == 0 and "| T6 |" in out.stdout and "0-shot" in out.stdout
+        # the per-sample records reproduce the reported scores
+        for task, metric in (("toy_mc", "acc_norm"), ("toy_ll", "acc")):
+            samples = [json.loads(line) for line in open(os.path.join(out, f"samples_{task}_{r['shots']}shot.jsonl"))]
+            assert len(samples) == (60 if task == "toy_mc" else 20)
+            assert 100 * np.mean([x[metric] for x in samples]) == pytest.approx(r["scores"][task]["value"])
+    table = open(os.path.join(out, "harness.md")).read()
+    assert "| shots | toy_mc | toy_ll | Avg (2 tasks) |" in table and "| 2 |" in table and "lm-eval 0.4" in table
+    saved = json.load(open(os.path.join(out, "harness.json")))
+    assert saved["tasks"] == ["toy_mc", "toy_ll"] and len(saved["rows"]) == 2 and saved["iter_num"] == 2
+    assert saved["lm_eval_version"] == lm_eval.__version__ if hasattr(lm_eval, "__version__") else saved["lm_eval_version"]
+    assert saved["limit"] is None and set(saved["task_versions"]["0"]) == {"toy_mc", "toy_ll"}
+    out_table = subprocess.run([sys.executable, "-m", "scripts.eval_table", tiny_run, "--names=T6"], cwd=ROOT,
+                               capture_output=True, text=True)
+    assert out_table.returncode == 0 and "| T6 |" in out_table.stdout and "0-shot" in out_table.stdout
+    # a second, limited run goes to a new folder, and says it is limited
+    rows2, out2 = main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc", "--num_fewshot=0", "--batch_size=8",
+                        "--device=cpu", f"--include_path={tmp_path / 'tasks'}", "--limit=10"])
+    assert out2 != out and os.path.exists(os.path.join(out, "harness.json"))
+    assert "Limited run: at most 10 examples per task" in open(os.path.join(out2, "harness.md")).read()
+    assert len(open(os.path.join(out2, "samples_toy_mc_0shot.jsonl")).readlines()) == 10
+    out_table = subprocess.run([sys.executable, "-m", "scripts.eval_table", out, out2, "--names=full,quick"],
+                               cwd=ROOT, capture_output=True, text=True)
+    assert "| quick (limit 10) |" in out_table.stdout and "not comparable with full runs" in out_table.stdout
+    with pytest.raises(SystemExit, match="already holds files; results are never written over"):
+        main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc", "--num_fewshot=0", "--device=cpu",
+              f"--include_path={tmp_path / 'tasks'}", f"--output_path={out}"])
+
+
+def test_missing_task_data_fails_before_the_model_loads(tiny_run, tmp_path, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    write_tasks(tmp_path / "tasks")
+    (tmp_path / "tasks" / "mc.jsonl").rename(tmp_path / "gone.jsonl")  # toy_mc's file is missing
+    import checkpoint
+    import eval.harness as harness
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the tasks were checked")
+    monkeypatch.setattr(checkpoint, "load_model", no_model)
+    with pytest.raises(SystemExit) as e:
+        harness.main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc,toy_ll,no_such_task", "--num_fewshot=0",
+                      "--device=cpu", f"--include_path={tmp_path / 'tasks'}"])
+    message = str(e.value)
+    assert "these tasks cannot be loaded" in message and "toy_mc:" in message and "no_such_task:" in message
+    assert "toy_ll:" not in message and "--include_path" in message
+
+
+def test_paper_average_and_partial_rows():
+    fake = {0: {"results": {t: {f"{m},none": 0.5} for t, m in harness_tasks().items()}}}
+    fake[0]["results"]["lambada_openai"] = {"acc,none": 0.9}
+    rows, md = paper_table(fake, list(harness_tasks()) + ["lambada_openai"])
+    assert rows[0]["avg"] == pytest.approx(50.0) and not rows[0]["avg_partial"]  # LAMBADA is not in the paper's Avg
+    assert "| Avg |" in md
+    del fake[0]["results"]["mmlu"]
+    rows, md = paper_table(fake, list(harness_tasks()), limit=200)
+    assert rows[0]["avg_partial"] and "(8 of 9 paper tasks)" in md and "Limited run: at most 200" in md
+    rows, md = paper_table(fake, ["boolq", "lambada_openai"], avg="all")
+    assert rows[0]["avg"] == pytest.approx(70.0) and "Avg (2 tasks)" in md
+
+
+def harness_tasks():
+    from eval.harness import PAPER_TASKS
+    return PAPER_TASKS
 
 
 def test_paper_table_metrics():
