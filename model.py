@@ -10,11 +10,11 @@ registry of attention mechanisms:
     attn = "tpa"                   T6: contextual factorisation of Q, K and V (paper Sec. 3)
     attn = "tpa_kvonly"            standard query projection, factorised K and V (App. G)
 
-Trunk (spec 1.9): pre-norm blocks, weightless RMSNorm (eps = dtype epsilon), SwiGLU MLP with hidden
+Trunk (docs/DESIGN.md sec. 1.6): pre-norm blocks, weightless RMSNorm (eps = dtype epsilon), SwiGLU MLP with hidden
 floor(8d/3), no biases, RoPE (base 10000, fp32 tables built once), tied embeddings, vocab 50304,
 zero-initialised output projections of attention and MLP.
 
-TPA options (spec 1.5), all flags of the one TPA class: constant (non-contextual) A or B factors,
+TPA options (docs/DESIGN.md sec. 1.3), all flags of the one TPA class: constant (non-contextual) A or B factors,
 K/V sharing the B factor, third-order factors (RoPE on the b factor only), and two options for every
 mechanism: a per-head sigmoid output gate and KV shifting (a learned per-head mix of the current and
 previous token's rotated K and V).
@@ -51,14 +51,14 @@ class GPTConfig:
     rope_base: float = 10000.0
     # GQA family: number of key/value heads (0 = implied: n_head for mha, 1 for mqa)
     n_kv_head: int = 0
-    # TPA ranks (spec 1.2); q_rank is unused by tpa_kvonly
+    # TPA ranks (docs/DESIGN.md sec. 1.1); q_rank is unused by tpa_kvonly
     q_rank: int = 6
     k_rank: int = 2
     v_rank: int = 2
-    # TPA factor init (spec 1.8): "official" = the released code's 3-D-view Xavier (used for the
+    # TPA factor init (docs/DESIGN.md sec. 1.5): "official" = the released code's 3-D-view Xavier (used for the
     # paper's runs, so the paper-reproduction configs use it); "xavier" = true 2-D Xavier per matrix
     tpa_init: str = "official"
-    # TPA variants (spec 1.5)
+    # TPA variants (docs/DESIGN.md sec. 1.3)
     tpa_const_a: bool = False  # non-contextual A: learned constant head factors
     tpa_const_b: bool = False  # non-contextual B: learned constant feature factors
     tpa_shared_b: bool = False  # K and V share the (unrotated) B factor; needs k_rank == v_rank
@@ -131,9 +131,9 @@ class GPTConfig:
             bad(f"{', '.join(tpa_opts)} only apply to attn='tpa' or 'tpa_kvonly' (attn={self.attn!r})")
 
 
-# Paper sizes (spec 2.1, Table 10): head counts are chosen per mechanism so that every variant has
+# Paper sizes (Table 10; docs/DESIGN.md sec. 4): head counts are chosen per mechanism so that every variant has
 # (nearly) the parameters of MHA. MLA uses the 512/256 latents that the released code actually ran
-# (spec 0.1, 2.4); the Table-10 latents are one override away (--q_lora_rank=1024 --kv_lora_rank=512).
+# (docs/DESIGN.md sec. 4); the Table-10 latents are one override away (--q_lora_rank=1024 --kv_lora_rank=512).
 # "tiny" is for CPU tests and quick starts. Every key can be overridden.
 SIZES = {
     "tiny": dict(n_layer=2, n_embd=64, head_dim=16, block_size=256, q_lora_rank=32, kv_lora_rank=16,
@@ -398,7 +398,7 @@ class MLA(Attention):
 
 
 class TPA(Attention):
-    """Tensor product attention (spec 1.2-1.5); attn='tpa_kvonly' keeps a standard query projection.
+    """Tensor product attention (docs/DESIGN.md sec. 1.1-1.3); attn='tpa_kvonly' keeps a standard query projection.
 
     Per token, X in {Q, K, V}: X = (1/R_X) A_X^T B_X with head factors A_X (R_X, H) and feature factors
     B_X (R_X, D), both linear maps of x. All factor projections of a layer are one fused matmul. RoPE
@@ -444,7 +444,7 @@ class TPA(Attention):
         with torch.no_grad():
             for w, (_, _, bound) in zip(self.c_fact.weight.split(self.sizes, dim=0), parts):
                 w.uniform_(-bound, bound)
-        # constant factors, unit variance (spec 1.6 writes MHA/MQA/GQA as constant-A TPA)
+        # constant factors, unit variance (the paper's Section 4 writes MHA/MQA/GQA as constant-A TPA)
         if self.const_a:
             self.a_const = nn.ParameterDict({n: nn.Parameter(torch.empty(H, self.ranks[n]).uniform_(-3 ** 0.5, 3 ** 0.5))
                                              for n in self.factored})
@@ -549,8 +549,8 @@ ATTENTION = {"mha": GQA, "mqa": GQA, "gqa": GQA, "mla": MLA, "tpa": TPA, "tpa_kv
 
 
 class KVCache:
-    """Preallocated decode cache: for every layer exactly what its mechanism caches (cache_spec, spec 1.4),
-    each (B, max_len, ...), plus seqlens (B,): the number of positions cached for every sequence.
+    """Preallocated decode cache: for every layer exactly what its mechanism caches (cache_spec; docs/DESIGN.md
+    sec. 3.1), each (B, max_len, ...), plus seqlens (B,): the number of positions cached for every sequence.
 
     Per forward the model sets the positions of the new tokens (seqlens + 0..T-1) and the mask; kv_len
     (a host-side upper bound of the lengths, or max_len) is how many slots attention reads, so that no
@@ -663,7 +663,7 @@ class GPT(nn.Module):
         self.lm_head = Linear(config.n_embd, config.vocab_size)
         # tied embeddings; the shared tensor keeps nn.Linear's U(+-1/sqrt(C)) init, as in the official code
         self.transformer.wte.weight = self.lm_head.weight
-        for block in self.transformer.h:  # zero-init output projections (spec 1.8)
+        for block in self.transformer.h:  # zero-init output projections (docs/DESIGN.md sec. 1.5)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
         self.rope_dims = sorted({block.attn.rope_dim for block in self.transformer.h})

@@ -8,7 +8,7 @@ Pretrain T6 or any baseline of model.py's registry on token shards (data/prepare
         --rdzv_endpoint=HOST:29500 train.py config/xl_tpa.py                          # multi-node
     python train.py config/small_tpa.py --init_from=resume                          # continue exactly
 
-Departures from nanoGPT and from the official trainer (spec 6.3), on purpose:
+Departures from nanoGPT and from the official trainer (docs/DESIGN.md sec. 7), on purpose:
 - gradient_accumulation_steps is global: each of W ranks runs gradient_accumulation_steps / W
   micro-steps, so the global batch does not depend on the number of GPUs;
 - the loss is divided by the number of micro-steps, so gradients (and clipping) see the true mean;
@@ -42,7 +42,7 @@ from eval.val_loss import evaluate as evaluate_val
 from model import GPT, GPTConfig, model_config, peak_flops
 
 # -----------------------------------------------------------------------------
-# defaults: the paper's recipe for T6 Small (spec 3.1); config/*.py and --key=value override them
+# defaults: the paper's recipe for T6 Small (docs/DESIGN.md sec. 5); config/*.py and --key=value override them
 # I/O
 out_dir = "out"
 eval_interval = 1000  # evaluate every this many iterations (and at max_iters)
@@ -67,7 +67,7 @@ seed = 1337  # model init and data order
 # can be set too, and None means "the size table's value"
 size = "small"
 attn = "tpa"
-# AdamW (spec 3.1)
+# AdamW (docs/DESIGN.md sec. 5)
 learning_rate = 6e-4  # peak
 max_iters = 100000  # optimizer steps
 weight_decay = 0.1
@@ -127,7 +127,8 @@ config["dtype"] = DTYPES[config["dtype"]]
 globals().update(config)
 
 def get_lr(it):
-    """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (spec 3.1)."""
+    """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (docs/DESIGN.md
+    sec. 5)."""
     if it < warmup_iters:
         return learning_rate * it / warmup_iters
     if it >= lr_decay_iters:

@@ -2,7 +2,7 @@
 Token shards from FineWeb-Edu, tiny Shakespeare or local files; and a checker for them.
 
     python data/prepare.py fineweb-edu --version=10B                # -> data/fineweb-edu-10B
-    python data/prepare.py fineweb-edu --version=100B --workers=32  # the paper's data (spec 3.2)
+    python data/prepare.py fineweb-edu --version=100B --workers=32  # the paper's data
     python data/prepare.py fineweb-edu --version=100B --max_tokens=10_000_000_000   # a 10B prefix
     python data/prepare.py shakespeare                              # quick start (downloads 1 MB)
     python data/prepare.py shakespeare --input=path/to/input.txt    # the same, offline
@@ -12,7 +12,7 @@ Token shards from FineWeb-Edu, tiny Shakespeare or local files; and a checker fo
 Every source becomes a list of work units (a parquet row group, a byte range of a JSON-lines file, a
 whole text file, or a decompressed block of a compressed file), read and tokenized by a pool of
 workers and written in unit order, so the shards do not depend on the number of workers. Each
-document is prefixed with the GPT-2 end-of-text token (spec 3.2) and documents run across shard
+document is prefixed with the GPT-2 end-of-text token (docs/DESIGN.md sec. 5) and documents run across shard
 boundaries. The first --val_tokens tokens are the val split (*_val_NNNNNN.bin), the rest train.
 
 Memory stays bounded (at most 2 x workers units in flight and one shard buffer), whatever the size of

@@ -1,5 +1,5 @@
 """
-Downstream evaluation with lm-evaluation-harness (pip `lm-eval`), the paper's suite by default (spec 4.2-4.3).
+Downstream evaluation with lm-evaluation-harness (pip `lm-eval`), the paper's suite by default (docs/DESIGN.md sec. 6).
 
     python -m eval.harness --ckpt_dir=out/medium_tpa --tasks=paper --num_fewshot=0,2 --batch_size=32
     python -m eval.harness --ckpt_dir=out/medium_tpa --tasks=hellaswag,lambada_openai --limit=200

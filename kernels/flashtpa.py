@@ -11,15 +11,15 @@ Shapes (logical; any strides):
                                          the last N positions of each sequence and attend causally
     returns (B, N, H, E) = softmax(q k^T * softmax_scale) v, softmax_scale = D^-0.5 by default, with
         q = (1/Rq) sum_r aq_r (x) bq_r,  k = (1/Rk) sum_r ak_r (x) bk_r,  v = (1/Rv) sum_r av_r (x) bv_r
-    exactly as model.TPA defines them (spec 1.2).
+    exactly as model.TPA defines them (docs/DESIGN.md sec. 1.1).
 
 Preferred cache layout: the one model.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, each
 contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A, in
 16-byte pieces when H * R is a multiple of 8. KVCache(position_minor=True) stores A as (B, H, R, M)
 instead (viewed (B, M, H, R)): 16-byte rows for any H * R (see the per-rank path below).
 
-Algorithm (spec 5.2, Algorithm 2, with a flash-decoding split over the cache): a program owns one
-sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms the rows'
+Algorithm (docs/DESIGN.md sec. 3.2; the paper's Algorithm 2, with a flash-decoding split over the cache): a
+program owns one sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms the rows'
 queries q = (1/Rq) A_Q^T B_Q once, then for each block of BLOCK_M cache positions loads each factor as
 one 2-D tile with the ranks flattened in the cache's own (M, R) order (column j = m * R_P + r, ranks
 padded to a power of two and masked), computes q . b_K for every position and key rank in one
@@ -41,7 +41,7 @@ load where they fit. The cache length is a runtime value, never a compile-time c
 key: the grid grows with M, programs past a sequence's length exit at once, and nothing syncs with the
 host, so a decode step can be captured in a CUDA graph.
 
-flashtpa_decode_ref (materialised q/k/v) and flashtpa_decode_einsum (factor space, spec 5.1) are the
+flashtpa_decode_ref (materialised q/k/v) and flashtpa_decode_einsum (factor space, the paper's Algorithm 1) are the
 PyTorch references with the same signature; flashtpa_decode falls back to the first off CUDA.
 """
 
@@ -89,7 +89,7 @@ def _mask(B, N, M, seqlens, device):
 
 
 def flashtpa_decode_ref(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None):
-    """Materialise q, k, v (spec 1.2), then masked softmax attention, in the inputs' precision."""
+    """Materialise q, k, v (docs/DESIGN.md sec. 1.1), then masked softmax attention, in the inputs' precision."""
     B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     q = torch.matmul(aq, bq) / Rq  # (B, N, H, D)
@@ -102,7 +102,7 @@ def flashtpa_decode_ref(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None
 
 
 def flashtpa_decode_einsum(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None):
-    """Factor space (spec 5.1, Algorithm 1): head-shared feature products, then the head factors."""
+    """Factor space (the paper's Algorithm 1): head-shared feature products, then the head factors."""
     B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
     P = torch.einsum("bnrd,bmsd->bnmrs", bq, bk)  # shared by all heads

@@ -6,7 +6,7 @@ The paper's Table 1 for our configs: parameters and KV cache of every (size, mec
     python -m scripts.model_table --sizes=tiny,small --attns=tpa,mha
 
 Models are built on the meta device, so this takes seconds and no memory. The "paper" columns are
-the totals the spec computes from the official modules (spec 2.3), for comparison.
+the totals of the official modules with the paper's head counts, for comparison.
 """
 
 import argparse
@@ -16,7 +16,7 @@ import torch
 
 from model import GPT, SIZES, model_config
 
-# spec 2.3: total parameters (millions) of the official modules with the paper's head counts
+# total parameters (millions) of the official modules with the paper's head counts
 PAPER_PARAMS_M = {
     "small": dict(mha=123.57, mqa=123.57, gqa=123.57, mla=123.09, tpa_kvonly=124.38, tpa=124.34),
     "medium": dict(mha=353.45, mqa=353.45, gqa=353.45, mla=353.86, tpa_kvonly=353.16, tpa=353.99),
@@ -54,7 +54,7 @@ def table(sizes, attns, **overrides):
 
 
 def markdown(rows):
-    head = ("| size | variant | L | d | heads (kv) | params | paper (spec 2.3) | attn params / layer (x MHA) "
+    head = ("| size | variant | L | d | heads (kv) | params | official | attn params / layer (x MHA) "
             "| KV elems / token / layer | KV bf16 / token / layer | KV bf16 / token (model) | train GFLOPs / token |")
     lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
     for r in rows:

@@ -142,21 +142,21 @@ def test_rope_tables_stay_fp32():
     assert model.transformer.h[0].attn.c_proj.weight.dtype == torch.bfloat16
 
 
-# -- sizes (spec 2.3, 1.4) ---------------------------------------------------------------------------
+# -- sizes (docs/DESIGN.md sec. 3.1, sec. 4) ---------------------------------------------------------------------------
 
-PARAMS_M = {  # spec 2.3 totals, millions
+PARAMS_M = {  # the official modules' totals, millions
     "small": dict(mha=123.57, mqa=123.57, gqa=123.57, mla=123.09, tpa_kvonly=124.38, tpa=124.34),
     "medium": dict(mha=353.45, mqa=353.45, gqa=353.45, mla=353.86, tpa_kvonly=353.16, tpa=353.99),
     "large": dict(mha=772.13, mqa=772.13, gqa=772.13, mla=773.63, tpa_kvonly=773.05, tpa=773.70),
     "xl": dict(mha=1554.89, mqa=1554.89, gqa=1554.89, mla=1558.37, tpa_kvonly=1559.50, tpa=1555.81),
 }
-ATTN_M = {  # spec 2.3 attention parameters per layer, millions
+ATTN_M = {  # the official modules' attention parameters per layer, millions
     "small": dict(mha=2.359, mla=2.319, tpa_kvonly=2.427, tpa=2.424),
     "medium": dict(mha=4.194, mla=4.211, tpa_kvonly=4.182, tpa=4.217),
     "large": dict(mha=6.554, mla=6.595, tpa_kvonly=6.579, tpa=6.597),
     "xl": dict(mha=10.24, mla=10.31, tpa_kvonly=10.34, tpa=10.26),
 }
-KV_ELEMS = {  # spec 1.4, per token per layer
+KV_ELEMS = {  # per token per layer (docs/DESIGN.md sec. 3.1)
     "small": dict(mha=1536, mqa=128, gqa=256, mla=288, tpa_kvonly=344, tpa=392),
     "medium": dict(mha=2048, mqa=128, gqa=256, mla=288, tpa_kvonly=372, tpa=444),
     "large": dict(mha=2560, mqa=128, gqa=256, mla=288, tpa_kvonly=404, tpa=500),
@@ -183,7 +183,7 @@ def test_paper_sizes(size):
 
 
 def test_medium_tpa_kv_bytes():
-    # spec 1.4: medium TPA caches 20.8 KiB per token in bf16, XL 53.2 KiB
+    # medium TPA caches 20.8 KiB per token in bf16, XL 53.2 KiB
     for size, kib in (("medium", 20.8), ("xl", 53.2)):
         with torch.device("meta"):
             model = GPT(model_config(size, "tpa"))
@@ -277,7 +277,7 @@ def test_gqa_family_is_constant_a_tpa(n_kv_head):
 
 
 def test_tpa_materialized_qkv_by_hand():
-    """The fused projection and the head-major A layout give Q = (1/R) sum_r a_r (x) b_r (spec 1.2)."""
+    """The fused projection and the head-major A layout give Q = (1/R) sum_r a_r (x) b_r (docs/DESIGN.md sec. 1.1)."""
     model = randomize(tiny("tpa"))
     attn = model.transformer.h[0].attn
     x = torch.randn(1, 3, 64)
@@ -303,7 +303,7 @@ def test_tpa_init_bounds():
 
 
 def test_mla_settings_reach_the_model():
-    """The official repo dropped the MLA dims from its configs (spec 0.1); here every one is used."""
+    """The official repo dropped the MLA dims from its configs (docs/DESIGN.md sec. 4); here every one is used."""
     model = GPT(model_config("tiny", "mla", vocab_size=V, q_lora_rank=24, kv_lora_rank=12,
                              qk_rope_head_dim=6, v_head_dim=10, head_dim=8))
     a = model.transformer.h[0].attn
