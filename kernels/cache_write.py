@@ -15,12 +15,11 @@ from typing import List
 
 import torch
 
-try:
+from kernels.triton_check import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 MAX_TENSORS = 6  # one launch writes up to this many tensors (more: several launches)
 

@@ -22,13 +22,12 @@ gradient), for Small models a tenth of a training step.
 import torch
 import torch.nn.functional as F
 
-try:
+from kernels.triton_check import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 
 def cross_entropy_loss_ref(logits, targets, ignore_index=-1):

@@ -50,13 +50,12 @@ from typing import Optional
 
 import torch
 
-try:
+from kernels.triton_check import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    HAS_TRITON = True
-except ImportError:  # the references still work
-    HAS_TRITON = False
 
 from kernels.gemv import pdl_supported
 

@@ -37,14 +37,13 @@ import torch.nn.functional as F
 
 from kernels.cache_write import feature_stride
 
-try:
+from kernels.triton_check import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 
 def _norm_eps(dtype):

@@ -14,13 +14,12 @@ and the per-token products are batched matmuls on the tensor cores.
 
 import torch
 
-try:
+from kernels.triton_check import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 
 def tpa_materialize_ref(a, b, scale):

@@ -14,13 +14,12 @@ compiled Small step, micro-batch 16; benchmarks/RESULTS.md): T6 43.1 -> 42.6 ms,
 import torch
 import torch.nn.functional as F
 
-try:
+from kernels.triton_check import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 
 def swiglu_ref(gu):

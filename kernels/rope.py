@@ -16,13 +16,12 @@ the strides, so the remaining concatenation is a plain copy.
 
 import torch
 
-try:
+from kernels.triton_check import HAS_TRITON
+
+if HAS_TRITON:
     import triton
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
 
 
 def apply_rope_ref(x, cos, sin):

@@ -16,6 +16,15 @@ if not torch.cuda.is_available():  # run Triton kernels in the interpreter (set 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def child_env(**extra):
+    """The environment for scripts the tests run in another process (train.py, sample.py, eval): one thread, and
+    without TRITON_INTERPRET, so that a CPU child does not define the Triton ops it never runs (seconds each)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    env.update(extra)
+    return env
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

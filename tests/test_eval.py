@@ -12,7 +12,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 from model import GPT, model_config
 from test_generate import tiny_run  # noqa: F401  (the checkpoint fixture)
 from test_model import randomize
@@ -229,7 +229,7 @@ def test_paper_table_metrics():
 
 def test_val_loss_equals_train_eval(tiny_run):  # noqa: F811
     p = subprocess.run([sys.executable, "-m", "eval.val_loss", f"--ckpt_dir={tiny_run}", "--batch_size=3"], cwd=ROOT,
-                       capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                       capture_output=True, text=True, env=child_env())
     assert p.returncode == 0, p.stderr
     got = json.load(open(os.path.join(tiny_run, "val_loss.json")))
     logged = [json.loads(line) for line in open(os.path.join(tiny_run, "metrics.jsonl")) if "val_loss" in line][-1]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 from data.shards import write_shard
 from kernels import HAS_TRITON
 from model import GPT, KVCache, model_config, sample_logits
@@ -276,13 +276,13 @@ def tiny_run(tmp_path_factory):
     args = dict(size="tiny", attn="tpa", block_size=64, batch_size=2, gradient_accumulation_steps=1, max_iters=2,
                 eval_interval=2, eval_tokens=256, compile=False, device="cpu", data_dir=str(root), out_dir=str(root / "out"))
     subprocess.run([sys.executable, "train.py"] + [f"--{k}={v}" for k, v in args.items()], cwd=ROOT, check=True,
-                   capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                   capture_output=True, env=child_env())
     return str(root / "out")
 
 
 def run_sample(*args):
     return subprocess.run([sys.executable, "sample.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+                          env=child_env())
 
 
 def test_sample_py_end_to_end(tiny_run, tmp_path):

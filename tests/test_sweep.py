@@ -10,16 +10,17 @@ import signal
 import subprocess
 import sys
 import time
+from unittest import mock
 
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, child_env
 from data.shards import write_shard
 from scripts import compare
 from scripts import sweep as sweep_script
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+ENV = child_env()
 RUNS = ["mha_s1", "mha_s2", "tpa_s1", "tpa_s2"]
 
 
@@ -44,8 +45,8 @@ def sweep(out_root, data_dir, *extra, check=True):
     out, code, err = io.StringIO(), 0, ""
     cwd = os.getcwd()
     os.chdir(ROOT)
-    try:
-        with contextlib.redirect_stdout(out):
+    try:  # the runs it starts get the children's environment
+        with contextlib.redirect_stdout(out), mock.patch.dict(os.environ, ENV, clear=True):
             code = sweep_script.main(sweep_cmd(out_root, data_dir, *extra)[3:])
     except SystemExit as e:
         code, err = 1, str(e.code)

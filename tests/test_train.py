@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import checkpoint as ckpt_lib
-from conftest import ROOT
+from conftest import ROOT, child_env
 from data.shards import write_shard
 from model import GPT, peak_flops
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+ENV = child_env()
 
 
 @pytest.fixture(scope="module")
