@@ -25,7 +25,6 @@ R rank (R_Q, R_K, R_V), M cache length.
 
 import difflib
 import math
-import re
 from dataclasses import dataclass, fields
 
 import torch
@@ -971,23 +970,3 @@ class GPT(nn.Module):
         matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         attn = sum(block.attn.attn_flops_per_token(T) for block in self.transformer.h)
         return 6 * matmul + 3 * attn
-
-
-# peak dense tensor FLOP/s per device: (name tokens, bf16/fp16, fp32 matmul: TF32 where the GPU has it);
-# matched on whole tokens of the device name, most specific first (an "NVIDIA L40" is not an L4)
-PEAK_FLOPS = [(("GH200",), 989e12, 494e12), (("H200",), 989e12, 494e12), (("H100", "NVL"), 835e12, 418e12),
-              (("H100", "PCIE"), 756e12, 378e12), (("H100",), 989e12, 494e12), (("H800",), 989e12, 494e12),
-              (("B200",), 2250e12, 1125e12), (("A100",), 312e12, 156e12), (("A800",), 312e12, 156e12),
-              (("A10",), 125e12, 62.5e12), (("A40",), 150e12, 75e12), (("A6000",), 155e12, 77e12),
-              (("L40S",), 362e12, 183e12), (("L40",), 181e12, 90.5e12), (("L4",), 121e12, 60e12),
-              (("4090",), 165e12, 83e12), (("3090",), 71e12, 36e12), (("V100",), 125e12, 15.7e12),
-              (("T4",), 65e12, 8e12)]
-
-
-def peak_flops(device_name, dtype="bfloat16"):
-    """Peak FLOP/s of one device by its name (torch.cuda.get_device_name), or None if unknown."""
-    tokens = re.split(r"[^A-Z0-9]+", device_name.upper())
-    for key, half, fp32 in PEAK_FLOPS:
-        if any(tuple(tokens[i:i + len(key)]) == key for i in range(len(tokens))):
-            return fp32 if dtype == "float32" else half
-    return None

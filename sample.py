@@ -16,6 +16,7 @@ import tiktoken
 import torch
 
 from checkpoint import load_model
+from common import resolve_device, resolve_dtype
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -35,27 +36,20 @@ use_kernel = True  # TPA on CUDA: FlashTPA for decode attention (False: the PyTo
 fused = True  # T6 on CUDA: the fused batch-1 decode step (GPT.fused_decode_step; compile is then not needed)
 stream = True  # print tokens as they come
 # -----------------------------------------------------------------------------
-DTYPES = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "bf16": "bfloat16",
-          "fp16": "float16", "fp32": "float32"}
 try:
     config = configure(globals(), sys.argv[1:])
+    for key, ok, need in [("num_samples", config["num_samples"] >= 1, ">= 1"),
+                          ("max_new_tokens", config["max_new_tokens"] >= 0, ">= 0"),
+                          ("temperature", config["temperature"] >= 0, ">= 0"), ("top_k", config["top_k"] >= 0, ">= 0"),
+                          ("top_p", 0 < config["top_p"] <= 1, "in (0, 1]")]:
+        if not ok:
+            raise ValueError(f"{key}={config[key]!r} must be {need}")
+    device, device_type = resolve_device(config["device"])
+    dtype, ptdtype, _ = resolve_dtype(config["dtype"], device_type)
 except ValueError as e:
     sys.exit(f"config error: {e}")
-for key, ok, need in [("num_samples", config["num_samples"] >= 1, ">= 1"),
-                      ("max_new_tokens", config["max_new_tokens"] >= 0, ">= 0"),
-                      ("temperature", config["temperature"] >= 0, ">= 0"), ("top_k", config["top_k"] >= 0, ">= 0"),
-                      ("top_p", 0 < config["top_p"] <= 1, "in (0, 1]"),
-                      ("dtype", config["dtype"] in DTYPES, f"one of {', '.join(DTYPES)}")]:
-    if not ok:
-        sys.exit(f"config error: {key}={config[key]!r} must be {need}")
-config["dtype"] = DTYPES[config["dtype"]]
+config.update(device=device, dtype=dtype)
 globals().update(config)
-
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-if dtype == "auto":
-    dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
 torch.manual_seed(seed)
 torch.backends.cuda.matmul.allow_tf32 = True
 

@@ -39,7 +39,8 @@ from configurator import configure
 from data.loader import TrainLoader, ValSet
 from data.shards import TokenIdError
 from eval.val_loss import evaluate as evaluate_val
-from model import GPT, GPTConfig, model_config, peak_flops
+from common import check_dtype, destroy_distributed, init_distributed, peak_flops, print0, resolve_device, resolve_dtype
+from model import GPT, GPTConfig, model_config
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's recipe for T6 Small (docs/DESIGN.md sec. 5); config/*.py and --key=value override them
@@ -86,10 +87,6 @@ dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), b
 compile = True  # torch.compile the model (compile time is reported apart from step time)
 # -----------------------------------------------------------------------------
 _MODEL_KEYS = {f.name: f.type for f in fields(GPTConfig) if f.name not in ("block_size", "attn")}
-DTYPES = {"auto": "auto", "bfloat16": "bfloat16", "float16": "float16", "float32": "float32", "bf16": "bfloat16",
-          "fp16": "float16", "fp32": "float32"}
-
-
 def check_settings(c):
     """Every setting's range, before anything runs: a ValueError names the key and what it must be."""
     at_least = dict(batch_size=1, block_size=1, gradient_accumulation_steps=1, eval_interval=1, log_interval=1,
@@ -103,19 +100,8 @@ def check_settings(c):
             raise ValueError(f"{k}={c[k]} must be in [0, 1)")
     if not c["adam_eps"] > 0:
         raise ValueError(f"adam_eps={c['adam_eps']} must be > 0")
-    if c["dtype"] not in DTYPES:
-        raise ValueError(f"dtype={c['dtype']!r}; choose one of {', '.join(DTYPES)}")
-    dev = c["device"]
-    if dev != "auto":
-        try:
-            kind = torch.device(dev).type
-        except RuntimeError:
-            raise ValueError(f"device={dev!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
-        if kind == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device={dev!r} but CUDA is not available here (no GPU, or a CPU build of torch); "
-                             f"use --device=cpu")
-        if kind == "mps" and not torch.backends.mps.is_available():
-            raise ValueError(f"device={dev!r} but MPS is not available here; use --device=cpu")
+    check_dtype(c["dtype"])
+    resolve_device(c["device"])
 
 
 try:
@@ -123,7 +109,6 @@ try:
     check_settings(config)
 except ValueError as e:
     sys.exit(f"config error: {e}")
-config["dtype"] = DTYPES[config["dtype"]]
 globals().update(config)
 
 def get_lr(it):
@@ -148,19 +133,12 @@ def git_commit():
 
 
 # -- distributed setup --------------------------------------------------------------------------------
-ddp = int(os.environ.get("RANK", -1)) != -1
-if device == "auto":
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
+device, device_type = resolve_device(device)
+dist_info = init_distributed(device)
+ddp, rank, local_rank, world_size, device = (dist_info.ddp, dist_info.rank, dist_info.local_rank, dist_info.world_size,
+                                             dist_info.device)
 if ddp:
-    rank, local_rank, world_size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-    if device_type == "cuda":
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
     flag_group = dist.new_group(backend="gloo")  # CPU collectives for the stop flag, no GPU sync
-else:
-    rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 if gradient_accumulation_steps % world_size:
     raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} is global and must be divisible by "
@@ -168,20 +146,9 @@ if gradient_accumulation_steps % world_size:
                      f"{max(world_size, gradient_accumulation_steps // world_size * world_size)}")
 micro_steps = gradient_accumulation_steps // world_size
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-if dtype == "auto":
-    if device_type == "cuda":
-        dtype = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    else:
-        dtype = "float32"
-ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-autocast = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
+dtype, ptdtype, autocast = resolve_dtype(dtype, device_type)
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
-
-
-def print0(*args, **kwargs):
-    if master:
-        print(*args, **kwargs, flush=True)
 
 
 # -- model ----------------------------------------------------------------------------------------------
@@ -522,5 +489,4 @@ while iter_num < max_iters:
             checkpoint()
         break
 
-if ddp:
-    dist.destroy_process_group()
+destroy_distributed(dist_info)

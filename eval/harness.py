@@ -47,8 +47,8 @@ class TPALM(TemplateLM):
         self.iter_num = None
         if model is None:
             from checkpoint import load_model
-            dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-            model, ckpt = load_model(ckpt_dir, device=device, dtype=dt)
+            from common import resolve_dtype
+            model, ckpt = load_model(ckpt_dir, device=device, dtype=resolve_dtype(dtype, device.split(":")[0])[1])
             tokenizer = ckpt.get("meta", {}).get("tokenizer", tokenizer)
             self.iter_num = ckpt["iter_num"]
         self.model, self.device_name = model.eval(), device
@@ -214,8 +214,9 @@ def main(argv=None):
     parser.add_argument("--tasks", default="paper", help="'paper' or comma-separated harness tasks / groups")
     parser.add_argument("--num_fewshot", default="0,2", help="comma-separated shot settings")
     parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32", help="float32 (as the paper's harness runs), bfloat16, float16")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="float32", help="float32 (as the paper's harness runs), bfloat16 / bf16, "
+                                                           "float16 / fp16")
     parser.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
     parser.add_argument("--include_path", default=None, help="a folder of local task YAMLs")
     parser.add_argument("--avg", default="paper", choices=["paper", "all"],
@@ -229,6 +230,12 @@ def main(argv=None):
     from lm_eval.tasks import TaskManager
 
     from checkpoint import find_checkpoint
+    from common import check_dtype, resolve_device
+    try:
+        args.device = resolve_device(args.device)[0]
+        check_dtype(args.dtype)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
     tasks = list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
     try:
         ckpt_path = find_checkpoint(args.ckpt_dir)

@@ -87,6 +87,7 @@ def bits_per_byte(model, val_set, batch_size, tokenizer="gpt2", **kw):
 
 def main():
     from checkpoint import load_model
+    from common import destroy_distributed, init_distributed, resolve_device, resolve_dtype
     from configurator import configure
     ckpt_dir = "out"  # a run directory (its newest checkpoint) or a ckpt_*.pt file
     data_dir = ""  # default: the checkpoint's training data
@@ -97,21 +98,12 @@ def main():
     compile = False
     try:
         cfg = configure(locals(), sys.argv[1:])
+        device, device_type = resolve_device(cfg["device"])
+        dtype, _, autocast = resolve_dtype(cfg["dtype"], device_type)
     except ValueError as e:
         sys.exit(f"config error: {e}")
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, world_size = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
-    device = cfg["device"]
-    if device == "auto":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu"
-    if ddp:
-        import torch.distributed as dist
-        if device.startswith("cuda"):
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-    dtype = cfg["dtype"]
-    if dtype == "auto":
-        dtype = ("bfloat16" if torch.cuda.is_bf16_supported() else "float16") if device.startswith("cuda") else "float32"
+    dist_info = init_distributed(device)
+    rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     try:
         model, ckpt = load_model(cfg["ckpt_dir"], device=device)
     except (FileNotFoundError, ValueError) as e:
@@ -124,8 +116,6 @@ def main():
     val_set = ValSet(data_dir, model.config.block_size, tokens)
     if cfg["compile"]:
         model = torch.compile(model)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.split(":")[0], dtype=ptdtype)
     out = evaluate(model, val_set, cfg["batch_size"], device, autocast, rank, world_size, progress=True)
     tokenizer = ckpt.get("meta", {}).get("tokenizer", "gpt2")
     out.update(bits_per_byte(model, val_set, cfg["batch_size"], tokenizer, device=device, autocast=autocast,
@@ -138,8 +128,7 @@ def main():
         path = os.path.join(os.path.dirname(ckpt["path"]), "val_loss.json")
         with open(path, "w") as f:
             json.dump(out, f, indent=1)
-    if ddp:
-        dist.destroy_process_group()
+    destroy_distributed(dist_info)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from model import GPT, model_config, peak_flops
+from common import peak_flops
+from model import GPT, model_config
 
 # first match wins; names are lower-cased. cuDNN's SDPA kernels carry "sdpa"/"fmha"/"flash" in their names, its
 # helpers (dO.O, the fp32 dQ conversion) "cudnn"; FlashAttention / memory-efficient kernels "flash" / "fmha".

@@ -25,6 +25,15 @@ def child_env(**extra):
     return env
 
 
+def assert_close_to_reference(got, ref64, ref_low, atol=0.0, ulps=0, name="output"):
+    """FlashAttention's rule for a kernel against its reference: max|got - ref64| <= 2 max|ref_low - ref64| + atol
+    (+ ulps fp32 ulps of max|ref64|, for fp32 math), where ref_low is the reference run in the kernel's precision."""
+    err = (got.double().cpu() - ref64).abs().max().item()
+    ref_err = (ref_low.double().cpu() - ref64).abs().max().item()
+    slack = atol + ulps * torch.finfo(torch.float32).eps * ref64.abs().max().item()
+    assert err <= 2 * ref_err + slack, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + {slack:.3g}"
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

@@ -5,6 +5,7 @@ import torch
 
 from kernels.gemv import HAS_TRITON, linear_factors, linear_one_row
 from kernels.rope import apply_rope_ref
+from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -22,10 +23,7 @@ def test_matches_fp64(N, K, shape, dtype):
     got = linear_one_row(xl, wl, impl="triton")
     ref_low = linear_one_row(xl, wl, impl="ref")
     assert got.shape == (*shape, N) and got.dtype == dtype
-    err = (got.double().cpu() - ref64).abs().max().item()
-    ref_err = (ref_low.double().cpu() - ref64).abs().max().item()
-    tol = 2 * ref_err + 8 * torch.finfo(torch.float32).eps * ref64.abs().max().item()  # fp32 accumulation
-    assert err <= tol, f"error {err:.3g} > 2 x reference error {ref_err:.3g} + 8 fp32 ulps"
+    assert_close_to_reference(got, ref64, ref_low, ulps=8)  # fp32 accumulation
 
 
 @needs_triton
@@ -53,9 +51,7 @@ def test_fused_matches_fp64(N, K, residual, glu, norm, dtype):
     got = linear_one_row(low(x), low(w), norm=norm, glu=glu, residual=low(r), impl="triton")
     ref_low = linear_one_row(low(x), low(w), norm=norm, glu=glu, residual=low(r), impl="ref")
     assert got.shape == ref64.shape and got.dtype == dtype
-    err = (got.double().cpu() - ref64).abs().max().item()
-    ref_err = (ref_low.double().cpu() - ref64).abs().max().item()
-    assert err <= 2 * ref_err + 16 * torch.finfo(torch.float32).eps * ref64.abs().max().item(), (err, ref_err)
+    assert_close_to_reference(got, ref64, ref_low, ulps=16)
 
 
 def test_dispatch_and_errors():

@@ -306,7 +306,7 @@ def test_sample_py_errors(tiny_run, tmp_path):
     p = run_sample(f"--out_dir={tiny_run}", "--temprature=0.5")
     assert p.returncode != 0 and "did you mean 'temperature'" in p.stderr
     for bad, message in (("--top_p=0", "top_p=0.0 must be in (0, 1]"), ("--temperature=-1", "temperature=-1.0 must be"),
-                         ("--dtype=bf17", "dtype='bf17' must be one of auto, bfloat16"),
+                         ("--dtype=bf17", "dtype='bf17'; choose one of auto, bfloat16"),
                          ("--num_samples=0", "num_samples=0 must be >= 1")):
         p = run_sample(f"--out_dir={tiny_run}", bad)
         assert p.returncode != 0 and f"config error: {message}" in p.stderr and "Traceback" not in p.stderr, p.stderr

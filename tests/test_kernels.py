@@ -11,6 +11,7 @@ import torch
 
 from kernels import flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
 from kernels.flashtpa import HAS_TRITON, flashtpa_decode_triton
+from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -28,9 +29,7 @@ def check(t64, seqlens, dtype, atol, **kw):
     seq = None if seqlens is None else seqlens.to(DEVICE)
     out = flashtpa_decode_triton(*low, seqlens=seq, **kw).double().cpu()
     assert out.shape == ref64.shape and torch.isfinite(out).all()
-    ref_low = flashtpa_decode_ref(*low, seqlens=seq).double().cpu()
-    err, ref_err = (out - ref64).abs().max().item(), (ref_low - ref64).abs().max().item()
-    assert err <= 2 * ref_err + atol, f"kernel error {err:.3g} > 2 x reference error {ref_err:.3g} + {atol}"
+    assert_close_to_reference(out, ref64, flashtpa_decode_ref(*low, seqlens=seq), atol=atol, name="FlashTPA")
     return out
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kernels.materialize import HAS_TRITON, tpa_materialize
+from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,9 +36,7 @@ def test_forward_backward_match_fp64(case, dtype):
     assert got[0].shape == (B, H, T, D) and got[1].shape == a.shape and got[2].shape == b.shape
     atol = 1e-6 if dtype == torch.float32 else 1e-3
     for name, x, r, rl in zip(("out", "da", "db"), got, ref64, ref_low):
-        err = (x.double().cpu() - r).abs().max().item()
-        ref_err = (rl.double().cpu() - r).abs().max().item()
-        assert err <= 2 * ref_err + atol, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g} + {atol}"
+        assert_close_to_reference(x, r, rl, atol=atol, name=name)
 
 
 def test_dispatch_and_broadcast():

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from kernels.mlp import HAS_TRITON, swiglu, swiglu_ref
+from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -34,9 +35,7 @@ def test_forward_backward_match_reference(shape, n, pad, dtype):
     ref_low = grads(*low, "ref")
     assert got[0].shape == (*shape, n) and got[0].dtype == dtype and got[1].shape == gu.shape
     for name, y, r, rl in zip(("h", "dgu"), got, ref64, ref_low):
-        err = (y.double().cpu() - r).abs().max().item()
-        ref_err = (rl.double().cpu() - r).abs().max().item()
-        assert err <= 2 * ref_err + 1e-6, f"{name}: error {err:.3g} > 2 x reference error {ref_err:.3g}"
+        assert_close_to_reference(y, r, rl, atol=1e-6, name=name)
 
 
 @needs_triton

@@ -17,7 +17,8 @@ import torch
 import checkpoint as ckpt_lib
 from conftest import ROOT, child_env
 from data.shards import write_shard
-from model import GPT, peak_flops
+from common import peak_flops
+from model import GPT
 
 ENV = child_env()
 
