@@ -53,6 +53,10 @@ class TPALM(TemplateLM):
             self.iter_num = ckpt["iter_num"]
         self.model, self.device_name = model.eval(), device
         self.enc = tiktoken.get_encoding(tokenizer)
+        if model.config.vocab_size < self.enc.n_vocab:  # task text would reach embedding rows the model lacks
+            raise ValueError(f"the model's vocabulary ({model.config.vocab_size} tokens) is smaller than its tokenizer "
+                             f"{tokenizer!r} ({self.enc.n_vocab} tokens): lm-eval tasks need a model trained with "
+                             f"that tokenizer's ids (vocab_size >= {self.enc.n_vocab})")
         self.batch_size_per_gpu = int(batch_size)
         self.max_length = model.config.block_size
         self.use_kernel = use_kernel

@@ -69,6 +69,12 @@ def test_loglikelihood_equals_direct_computation(lm):
         [round(x, 3) for x, _ in got]
 
 
+def test_model_with_a_smaller_vocabulary_than_its_tokenizer_is_refused():
+    model = GPT(model_config("tiny", "mha", vocab_size=256))
+    with pytest.raises(ValueError, match=r"vocabulary \(256 tokens\) is smaller than its tokenizer 'gpt2'"):
+        TPALM(model=model)
+
+
 def test_loglikelihood_rolling(lm):
     enc = tiktoken.get_encoding("gpt2")
     short = "A short document about tensor products."

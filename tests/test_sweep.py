@@ -140,6 +140,30 @@ def test_failed_run_is_reported_and_the_others_go_on(data_dir, tmp_path):
     assert "good" in open(os.path.join(out, "report", "report.md")).read()  # the report covers what finished
 
 
+def test_evaluations_after_training(data_dir, tmp_path, monkeypatch):
+    """final_eval_tokens runs eval.val_loss and harness_tasks eval.harness on each trained run; their results are
+    appended to metrics.jsonl and reported; a rerun does not repeat them."""
+    pytest.importorskip("lm_eval")
+    from test_eval import write_tasks
+    write_tasks(tmp_path / "tasks", n=8)
+    monkeypatch.setitem(ENV, "HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    out = str(tmp_path / "sweep")
+    args = ["--variants=[{'name': 'tpa', 'attn': 'tpa'}]", "--seeds=[1]", "--max_iters=10", "--final_eval_tokens=2048",
+            "--vocab_size=50304",  # the tasks' text is GPT-2 tokens
+            "--harness_tasks=toy_mc", f"--harness_args=--num_fewshot=0 --device=cpu --include_path={tmp_path / 'tasks'}"]
+    code, stdout, err = sweep(out, data_dir, *args)
+    records = [json.loads(line) for line in open(os.path.join(out, "tpa_s1", "metrics.jsonl"))]
+    final = [r for r in records if "final_val_loss" in r]
+    harness = [r for r in records if "harness" in r]
+    assert len(final) == 1 and final[0]["iter"] == 10 and final[0]["final_eval_tokens"] == (2048 - 1) // 32 * 32
+    assert final[0]["final_bpb"] > 0 and len(harness) == 1 and harness[0]["harness"][0]["scores"]["toy_mc"]["value"] >= 0
+    report = open(os.path.join(out, "report", "report.md")).read()
+    assert "## Final evaluation" in report and "## Downstream tasks" in report and "toy_mc" in report
+    code, stdout, err = sweep(out, data_dir, *args)  # nothing to redo
+    assert sum("final_val_loss" in line for line in open(os.path.join(out, "tpa_s1", "metrics.jsonl"))) == 1
+    assert len(launches(os.path.join(out, "tpa_s1"))) == 1
+
+
 def test_sweep_refuses_bad_settings_before_training(full_sweep, data_dir, tmp_path):
     out = str(tmp_path / "sweep")
     cases = [(["--max_tokens=1000"], "set exactly one budget"),
