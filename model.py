@@ -31,8 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_factors,
-                     linear_one_row, swiglu, tpa_materialize, write_rows)
+import engine
+from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, swiglu,
+                     tpa_materialize)
 
 
 # -----------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class Linear(nn.Linear):
     Several rows are multiplied with the feature counts padded by zeros to a multiple of `align`, and the output
     sliced back (its rows are then strided): cuBLAS's Hopper GEMMs (TMA / wgmma) need 16-byte aligned rows, and an
     odd width (T6 Small's fused factor projection: 980 outputs; Medium's SwiGLU hidden size: 2730) falls back to
-    sm80 kernels at ~1/3 of their speed (Small T6 training: 47.0 -> 45.3 ms per step on an H100). The weight keeps
+    slower sm80 kernels (benchmarks/RESULTS.md, "Figures behind the code's choices"). The weight keeps
     its shape; the zeros are made per call (under autocast in the same kernel as the weight's cast to bf16), for
     inputs of 512 rows or more."""
 
@@ -545,99 +546,6 @@ ATTENTION = {"mha": GQA, "mqa": GQA, "gqa": GQA, "mla": MLA, "tpa": TPA, "tpa_kv
 
 
 # -----------------------------------------------------------------------------
-# decoding: the KV cache and sampling
-
-
-class KVCache:
-    """Preallocated decode cache: for every layer exactly what its mechanism caches (cache_spec; docs/DESIGN.md
-    sec. 3.1), each (B, max_len, ...), plus seqlens (B,): the number of positions cached for every sequence.
-
-    Per forward the model sets the positions of the new tokens (seqlens + 0..T-1) and the mask; kv_len
-    (a host-side upper bound of the lengths, or max_len) is how many slots attention reads, so that no
-    step needs a device sync. fresh=True marks a prefill into an empty cache (attend to the new tokens).
-    """
-
-    def __init__(self, model, batch_size, max_len, device=None, dtype=None, position_minor=False):
-        p = model.lm_head.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        self.B, self.max_len = batch_size, max_len
-        minor = lambda attn, name: position_minor and name in attn.position_minor
-        self.layers = [{name: self._zeros(batch_size, max_len, shape, minor(block.attn, name), device, dtype)
-                        for name, shape in block.attn.cache_spec().items()} for block in model.transformer.h]
-        self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
-        self.kv_len, self.fresh = max_len, False
-        self.uniform = False  # every row has the same length and kv_len = seqlens + T: one-token steps need no mask
-        self.use_kernel = True  # TPA: FlashTPA on CUDA (else its PyTorch reference); False: the reference;
-        # "triton": the kernel wherever Triton runs (CPU tensors need TRITON_INTERPRET=1)
-        self.mla_absorb = True  # MLA: absorbed (latent-space) decode; False materialises K and V
-
-    @staticmethod
-    def _zeros(B, L, shape, minor, device, dtype):
-        """(B, L, *shape) zeros; minor: stored position-minor ((B, *shape, L8), viewed as (B, L, *shape)), so that a
-        feature's values over the positions are contiguous (FlashTPA streams TPA's A factors that way). L8 is L
-        rounded up to a multiple of 8 (at most 7 unused slots, not counted by nbytes): every feature's run then
-        starts 16-byte aligned, which the kernel's 16-byte copies need."""
-        if minor:
-            L8 = -(-L // 8) * 8
-            return torch.zeros(B, *shape, L8, device=device, dtype=dtype)[..., :L].movedim(-1, 1)
-        return torch.zeros(B, L, *shape, device=device, dtype=dtype)
-
-    def nbytes(self):
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
-
-    def begin(self, model, T):
-        """Positions (B, T) of T new tokens per row, and the mask every layer uses."""
-        device = self.seqlens.device
-        self.T, self._model, self._key_rope = T, model, None
-        self.pos = self.seqlens[:, None] + torch.arange(T, device=device)
-        self.mask = None if self.uniform and T == 1 else \
-            torch.arange(self.kv_len, device=device)[None, None, :] <= self.pos[:, :, None]  # (B, T, M)
-        return self.pos
-
-    @property
-    def key_rope(self):
-        """RoPE of the cache positions 0..kv_len-1 (for factors that are rotated when read)."""
-        if self._key_rope is None:
-            self._key_rope = self._model.rope(torch.arange(self.kv_len, device=self.seqlens.device))
-        return self._key_rope
-
-
-class LayerCache:
-    """One layer's view of a KVCache."""
-
-    def __init__(self, cache, i):
-        self.cache, self.tensors = cache, cache.layers[i]
-
-    def __getattr__(self, name):  # seqlens, mask, fresh, kv_len, T, B, key_rope, use_kernel, mla_absorb
-        return getattr(self.cache, name)
-
-    def write(self, **new):
-        """new: name -> (B|1, T, ...) entries of the new tokens, stored at their positions (on CUDA all of a
-        layer's tensors in one kernel launch: kernels/cache_write.py)."""
-        c = self.cache
-        write_rows([self.tensors[name] for name in new], [t.expand(c.B, c.T, *t.shape[2:]) for t in new.values()], c.pos)
-
-    def read(self, name):
-        return self.tensors[name][:, :self.cache.kv_len]
-
-
-def sample_logits(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """(B, V) logits -> (B,) tokens. temperature 0 or top_k 1: greedy; top_p: nucleus sampling."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # keep the smallest prefix with mass >= top_p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
-
-
-# -----------------------------------------------------------------------------
 # the model
 
 
@@ -668,7 +576,6 @@ class GPT(nn.Module):
             nn.init.zeros_(block.mlp.c_proj.weight)
         self.rope_dims = sorted({block.attn.rope_dim for block in self.transformer.h})
         self._build_rope()
-        self._fused_consts = {}  # fused_decode_step's constant tensors
 
     def _build_rope(self):
         device = self.lm_head.weight.device
@@ -684,12 +591,16 @@ class GPT(nn.Module):
             self._build_rope()
         return self
 
+    def rope_buffers(self, dim):
+        """The fp32 RoPE tables (cos, sin) of a rotary dimension, each (block_size, dim/2)."""
+        return getattr(self, f"rope_cos_{dim}"), getattr(self, f"rope_sin_{dim}")
+
     def rope(self, pos):
         """pos: T (positions 0..T-1, a slice of the tables) or a (T,) / (B, T) int tensor of positions
         -> {dim: (cos, sin)}, each (B|1, T, 1, dim/2) fp32."""
         out = {}
         for dim in self.rope_dims:
-            cos, sin = getattr(self, f"rope_cos_{dim}"), getattr(self, f"rope_sin_{dim}")
+            cos, sin = self.rope_buffers(dim)
             if isinstance(pos, int):  # a contiguous slice: no gather in the fused RoPE kernels
                 cos, sin = cos[:pos], sin[:pos]
             else:
@@ -710,8 +621,8 @@ class GPT(nn.Module):
         cache.seqlens + 0..T-1; they are written to the cache, which then holds T more tokens per row.
         """
         B, T = idx.shape
-        if cache is not None:
-            pos = cache.begin(self, T)
+        if cache is not None:  # an engine.KVCache: the new tokens sit at positions seqlens + 0..T-1
+            pos = cache.begin(T)
         elif pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of length {T} is longer than block_size={self.config.block_size}")
@@ -719,9 +630,9 @@ class GPT(nn.Module):
         rope = self.rope(pos)
         x = self.transformer.wte(idx)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, None if cache is None else LayerCache(cache, i))
+            x = block(x, rope, None if cache is None else cache.layer(i))
         if cache is not None:
-            cache.seqlens += T
+            cache.advance()
         x = rms_norm(x)
         if targets is not None:
             if not return_logits and torch.is_grad_enabled():  # training: the logits become their gradient as
@@ -733,215 +644,15 @@ class GPT(nn.Module):
         logits = self.lm_head(x if all_logits else x[:, -1:, :])
         return logits, None
 
-    # -- generation -------------------------------------------------------------
+    # -- generation (engine.py) ----------------------------------------------------
 
-    @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, **kwargs):
-        """nanoGPT's generate: idx (B, T) -> (B, T + max_new_tokens). top_k=1 (or temperature=0) is greedy.
+        """nanoGPT's generate: idx (B, T) -> (B, T + max_new_tokens); see engine.generate for the options."""
+        return engine.generate(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
 
-        Keyword options are those of generate_stream (prompt_lens for a ragged batch, stop_tokens,
-        use_cache, use_kernel, cuda_graph, compile, fused, generator). With prompt_lens or stop_tokens it returns
-        a list of 1-D tensors (prompt + generated tokens, up to and including a stop token) instead.
-        """
-        steps = list(self.generate_stream(idx, max_new_tokens, temperature, top_k, top_p, **kwargs))
-        new = torch.stack(steps, dim=1) if steps else idx.new_zeros(idx.size(0), 0)
-        prompt_lens, stop = kwargs.get("prompt_lens"), kwargs.get("stop_tokens")
-        if prompt_lens is None and not stop:
-            return torch.cat([idx, new], dim=1)
-        lens = [idx.size(1)] * idx.size(0) if prompt_lens is None else [int(n) for n in prompt_lens]
-        out = []
-        for b, n in enumerate(lens):
-            gen = new[b].tolist()
-            for i, t in enumerate(gen):
-                if stop and t in stop:
-                    gen = gen[:i + 1]
-                    break
-            out.append(torch.cat([idx[b, :n], torch.tensor(gen, dtype=idx.dtype, device=idx.device)]))
-        return out
-
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, prompt_lens=None,
-                        stop_tokens=None, **kwargs):
-        """Yield the next token of every sequence, (B,), max_new_tokens times (fewer if all stop).
-
-        idx (B, T): prompts, right-padded when prompt_lens (B,) gives their lengths. use_cache=False
-        recomputes the whole sequence at every step (the reference). use_kernel: FlashTPA on CUDA for TPA.
-        cuda_graph: capture the decode step in a CUDA graph (CUDA only; batch-1 decoding is then not
-        bound by kernel launches). compile: torch.compile the decode step (fuses its elementwise work;
-        with cuda_graph the compiled step is what is captured). fused: batch-1 T6 decodes through
-        fused_decode_step (None: on CUDA, where it is faster; True: wherever it applies; False: never); it needs no
-        compile, and with cuda_graph it is what is captured.
-
-        Past block_size the context slides, as nanoGPT's crop does, in jumps: when the sequence fills block_size,
-        its last 3/4 block_size tokens are prefilled again at positions 0.. and generation goes on from them (a
-        longer prompt keeps its last 3/4 block_size). Each token is then exactly what a full forward over the
-        context since the last jump gives: cached and recomputed (use_cache=False) generation agree.
-        """
-        B, T = idx.shape
-        L = self.config.block_size
-        if T + max_new_tokens <= L:
-            yield from self._generate_window(idx, max_new_tokens, temperature, top_k, top_p, prompt_lens,
-                                             stop_tokens, **kwargs)
-            return
-        if prompt_lens is not None:
-            raise ValueError(f"ragged prompts (prompt_lens) plus max_new_tokens must fit the model's block_size={L} "
-                             f"(got {T} + {max_new_tokens})")
-        keep = max(1, 3 * L // 4)
-        ctx = idx if T < L else idx[:, -keep:]
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        stop = None if not stop_tokens else torch.as_tensor(sorted(stop_tokens), device=idx.device)
-        left = max_new_tokens
-        while left > 0:
-            n = min(left, L - ctx.size(1))
-            new = []
-            for tok in self._generate_window(ctx, n, temperature, top_k, top_p, None, None, **kwargs):
-                yield tok
-                new.append(tok)
-                if stop is not None:
-                    done |= torch.isin(tok, stop)
-                    if done.all():
-                        return
-            left -= n
-            ctx = torch.cat([ctx, torch.stack(new, dim=1)], dim=1)[:, -keep:]  # (B, keep) the slid context
-
-    def _generate_window(self, idx, max_new_tokens, temperature, top_k, top_p, prompt_lens, stop_tokens,
-                         use_cache=True, use_kernel=True, cuda_graph=False, compile=False, fused=None, generator=None):
-        """generate_stream within block_size."""
-        B, T = idx.shape
-        lens = torch.full((B,), T, device=idx.device) if prompt_lens is None else \
-            torch.as_tensor(prompt_lens, device=idx.device, dtype=torch.long)
-        total = int(T + max_new_tokens)
-        if total > self.config.block_size:
-            raise ValueError(f"prompt ({T}) + max_new_tokens ({max_new_tokens}) = {total} tokens is more than this "
-                             f"model's block_size={self.config.block_size} (its RoPE tables and cache size)")
-        done = torch.zeros(B, dtype=torch.bool, device=idx.device)
-        stop = None if not stop_tokens else torch.as_tensor(sorted(stop_tokens), device=idx.device)
-        if not use_cache:  # recompute everything; right-padding never reaches a valid token (causal)
-            seq = torch.cat([idx, idx.new_zeros(B, max_new_tokens)], dim=1)
-            for step in range(max_new_tokens):
-                logits, _ = self(seq[:, :T + step], all_logits=True)
-                tok = sample_logits(logits[torch.arange(B), lens + step - 1], temperature, top_k, top_p, generator)
-                seq[torch.arange(B), lens + step] = tok
-                yield tok
-                if stop is not None:
-                    done |= torch.isin(tok, stop)
-                    if done.all():
-                        return
-            return
-        cache = KVCache(self, B, total)
-        cache.use_kernel, cache.uniform = use_kernel, prompt_lens is None and not cuda_graph
-        cache.fresh, cache.kv_len = True, T
-        logits, _ = self(idx, all_logits=True, cache=cache)  # prefill: the prompts in one pass
-        cache.fresh = False
-        cache.seqlens.copy_(lens)  # ragged prompts: each row continues after its own last token
-        next_logits = logits[torch.arange(B), lens - 1]
-        step_fn, host_len = None, T
-        decode = self.compiled_decode_step() if compile else self.decode_step
-        if (fused or (fused is None and idx.is_cuda)) and self.fused_decode_ok(cache):
-            decode = self.fused_decode_step
-        if cuda_graph:
-            step_fn = self._graph_decode_step(cache, B, decode)
-        for step in range(max_new_tokens):
-            tok = sample_logits(next_logits, temperature, top_k, top_p, generator)
-            yield tok
-            if stop is not None:
-                done |= torch.isin(tok, stop)
-                if done.all():
-                    return
-            if step == max_new_tokens - 1:
-                return
-            if step_fn is not None:
-                next_logits = step_fn(tok)
-            else:
-                host_len += 1
-                cache.kv_len = host_len  # an upper bound of seqlens + 1, known without a device sync
-                next_logits = decode(tok[:, None], cache)
-
-    def decode_step(self, tok, cache):
-        """tok (B, T) new tokens after what cache holds -> (B, V) logits of the last one (cache updated)."""
-        return self(tok, cache=cache)[0][:, -1]
-
-    def compiled_decode_step(self):
-        """decode_step through torch.compile, built once per model (dynamic shapes: any batch size and cache length)."""
-        if getattr(self, "_compiled_decode", None) is None:
-            self._compiled_decode = torch.compile(self.decode_step, dynamic=True)
-        return self._compiled_decode
-
-    def fused_decode_ok(self, cache):
-        """Whether fused_decode_step serves this model and cache: T6 or TPA-KVonly (without gate, KV shift,
-        constant or shared factors, third order) at batch 1."""
-        c = self.config
-        plain = not (c.attn_gate or c.kv_shift or c.tpa_const_a or c.tpa_const_b or c.tpa_shared_b) and c.tpa_order == 2
-        return cache.B == 1 and c.attn in ("tpa", "tpa_kvonly") and plain and bool(cache.use_kernel)
-
-    def fused_decode_step(self, tok, cache):
-        """decode_step for batch-1 T6 (and TPA-KVonly) as a chain of fused kernels, 6 per layer (the compiled step
-        runs ~12): RMSNorm + factor projection + RoPE + cache write (kernels/gemv.py's linear_factors), FlashTPA and
-        its combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
-        residual. On a GPU of compute capability >= 9 every kernel uses programmatic dependent launch: it starts
-        while the previous one finishes and loads its weights (or first cache block) before waiting for it.
-        Off CUDA the same arithmetic runs through the kernels' PyTorch references. tok (1, 1) -> (1, V)."""
-        if not self.fused_decode_ok(cache) or tok.shape != (1, 1):
-            raise ValueError("fused_decode_step serves batch-1 T6 / TPA-KVonly models (see fused_decode_ok), one token "
-                             "per step")
-        kern = cache.use_kernel == "triton" or (HAS_TRITON and tok.is_cuda)
-        impl = "triton" if kern else "ref"
-        pos = cache.seqlens  # (1,) the new token's position
-        seqlens = pos + 1  # computed before the chain: FlashTPA reads it before waiting for the previous kernel
-        x = self.transformer.wte(tok).view(-1)  # (C,) the residual stream
-        D = self.config.head_dim
-        cos, sin = getattr(self, f"rope_cos_{D}"), getattr(self, f"rope_sin_{D}")
-        for block, layer in zip(self.transformer.h, cache.layers):
-            attn, mlp = block.attn, block.mlp
-            H = attn.n_head
-            if attn.factor_q:
-                q = {"aq": x.new_empty(1, 1, H, attn.ranks["q"]), "bq": x.new_empty(1, 1, attn.ranks["q"], D)}
-            else:  # TPA-KVonly: a standard query is rank-H TPA with A = H * I (built once, outside any graph)
-                q = {"q": x.new_empty(1, 1, H, D)}
-                key = ("eye", H, x.device, x.dtype)
-                if key not in self._fused_consts:
-                    self._fused_consts[key] = (H * torch.eye(H, device=x.device, dtype=x.dtype)).view(1, 1, H, H)
-                q["aq"], q["bq"] = self._fused_consts[key], q["q"]
-            # every factor in one kernel: K's and V's into the cache at pos, the query's into q; B_Q, B_K rotated
-            names = attn.names
-            linear_factors(x, attn.c_fact.weight, [layer.get(n, q.get(n)) for n in names],
-                           [n in ("q", "bq", "bk") for n in names], [n in layer for n in names], pos, cos, sin,
-                           norm=True, impl=impl, pdl=True)
-            y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
-                                impl=impl, pdl=True)  # (1, 1, H, D)
-            x = linear_one_row(y.view(-1), attn.c_proj.weight, residual=x, impl=impl, pdl=True)
-            h = linear_one_row(x, mlp.c_fc.weight, norm=True, glu=True, impl=impl, pdl=True)
-            x = linear_one_row(h, mlp.c_proj.weight, residual=x, impl=impl, pdl=True)
-        logits = linear_one_row(x, self.lm_head.weight, norm=True, impl=impl, pdl=True)
-        cache.seqlens.copy_(seqlens)
-        return logits.view(1, -1)
-
-    def _graph_decode_step(self, cache, B, decode=None):
-        """Capture one decode step (decode_step, or its compiled version) over the whole cache
-        (kv_len = max_len) in a CUDA graph."""
-        decode = decode or self.decode_step
-        if not torch.cuda.is_available() or cache.seqlens.device.type != "cuda":
-            raise ValueError("cuda_graph=True needs the model and the cache on a CUDA device")
-        cache.kv_len = cache.max_len
-        static_tok = torch.zeros(B, 1, dtype=torch.long, device=cache.seqlens.device)
-        saved = cache.seqlens.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm up (compiles the Triton kernels); the writes are overwritten later
-            for _ in range(3):
-                decode(static_tok, cache)
-                cache.seqlens.copy_(saved)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = decode(static_tok, cache)
-        cache.seqlens.copy_(saved)  # capturing does not run the step
-
-        def step(tok):
-            static_tok.copy_(tok[:, None])
-            graph.replay()
-            return static_logits
-        return step
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, **kwargs):
+        """Yield the next token of every sequence, (B,), max_new_tokens times; see engine.generate_stream."""
+        return engine.generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
 
     # -- accounting -------------------------------------------------------------
 

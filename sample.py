@@ -23,7 +23,7 @@ from configurator import configure
 out_dir = "out"  # a run directory (its newest checkpoint) or a ckpt_*.pt file
 start = "\n"  # the prompt, or FILE:path to read it from a file
 num_samples = 3
-max_new_tokens = 200  # past the model's block_size the context slides (GPT.generate_stream)
+max_new_tokens = 200  # past the model's block_size the context slides (engine.generate_stream)
 temperature = 0.8  # 0: greedy
 top_k = 200  # keep the k most likely tokens (1: greedy; 0: all)
 top_p = 1.0  # nucleus sampling: keep the smallest set with this much probability
@@ -33,7 +33,7 @@ dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), b
 compile = False  # torch.compile the decode step (fuses its elementwise kernels; first step compiles)
 cuda_graph = True  # on CUDA: capture the decode step in a CUDA graph
 use_kernel = True  # TPA on CUDA: FlashTPA for decode attention (False: the PyTorch reference)
-fused = True  # T6 on CUDA: the fused batch-1 decode step (GPT.fused_decode_step; compile is then not needed)
+fused = True  # T6 on CUDA: the fused batch-1 decode step (engine.fused_decode_step; compile is then not needed)
 stream = True  # print tokens as they come
 # -----------------------------------------------------------------------------
 try:

@@ -13,7 +13,7 @@ Shapes (logical; any strides):
         q = (1/Rq) sum_r aq_r (x) bq_r,  k = (1/Rk) sum_r ak_r (x) bk_r,  v = (1/Rv) sum_r av_r (x) bv_r
     exactly as model.TPA defines them (docs/DESIGN.md sec. 1.1).
 
-Preferred cache layout: the one model.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, each
+Preferred cache layout: the one engine.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, each
 contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A, in
 16-byte pieces when H * R is a multiple of 8. KVCache(position_minor=True) stores A as (B, H, R, M)
 instead (viewed (B, M, H, R)): 16-byte rows for any H * R (see the per-rank path below).
@@ -357,17 +357,17 @@ def _num_sms(device):
 
 
 def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1):
-    """(block_m, prefetch, a_dot, num_stages, programs per SM), measured on an H100 (scripts/bench_decode.py --tune)
-    unless said. programs: sequences x row blocks, the grid's other axes.
+    """(block_m, prefetch, a_dot, num_stages, programs per SM): the fastest found with scripts/bench_decode.py --tune
+    (the timings behind each choice: benchmarks/RESULTS.md, "Figures behind the code's choices"). programs: sequences
+    x row blocks, the grid's other axes.
     per_rank (one product per rank, see flashtpa_decode_triton): 64 positions, 3 stages, 1 program per SM; 64 rows:
-    32 positions, 3 stages, 2 per SM (H=47, B=1, 32K, position-minor A: 0.0132 ms vs 0.0159 position-major).
+    32 positions, 3 stages, 2 per SM.
     A block's factor tiles have block_m * R_P rows: the rows are budgeted (64, or 32 for 4-byte or 128-wide
     features) so that high ranks keep the tiles in shared memory, and tensor-core products need >= 16 rows.
     a_dot: the A tiles reach the products' layout through an identity product (I @ A), so that Triton's pipeliner
-    moves all four factors with cp.async through shared memory (it pipelines only loads that feed a product):
-    rank-1 K/V, B=1, M=2^18, H=32: 0.0421 vs 0.0445 ms; B=8: 0.267 vs 0.285 ms (99% of copy bandwidth).
+    moves all four factors with cp.async through shared memory (it pipelines only loads that feed a product).
     Rank-2 K/V prefetch the next block by hand (registers), which also lets a PDL launch request the first block
-    before its wait (model.GPT.fused_decode_step; Medium T6, B=1, 32K: 0.941 vs 1.006 ms per step)."""
+    before its wait (engine.fused_decode_step)."""
     if per_rank:
         return (64, False, False, 3, 1) if block_rows <= 32 else (32, False, False, 3, 2)
     rk_p, rv_p = triton.next_power_of_2(Rk), triton.next_power_of_2(Rv)
@@ -377,12 +377,10 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1):
     if wide:  # wide tiles: no room for a second block in registers
         return block_m, False, False, 1, 2
     if r_p == 1 and block_rows <= 32:  # rank-1 K/V: 128 positions (48 KB at H=32) per stage, 3 stages; 1 program per
-        # SM for one sequence, 2 for several (H200, L2-cold, H=32, 2 vs 1 per SM: B=16 M=2^18 0.374 vs 0.396 ms,
-        # B=8 0.193 vs 0.203; B=1 M=2^16 0.0161 vs 0.0155)
-        return 128, False, True, 3, 1 if programs == 1 else 2
-    if r_p == 1:  # 64 rows (H=48): 64 positions, 3 stages, 2 programs per SM (H200, B=16, M=2^16: 0.1217 vs
-        return 64, False, True, 3, 2  # 0.1376 ms with 4 stages and 1 per SM; B=1, M=2^18: 0.0383 vs 0.0418)
-    if r_p == 2:  # rank-2 K/V: the next block prefetched by hand into registers (B=1, M=32K, H=47: 0.0155 vs 0.0166)
+        return 128, False, True, 3, 1 if programs == 1 else 2  # SM for one sequence, 2 for several
+    if r_p == 1:  # 64 rows (H=48): 64 positions, 3 stages, 2 programs per SM
+        return 64, False, True, 3, 2
+    if r_p == 2:  # rank-2 K/V: the next block prefetched by hand into registers
         return block_m, True, True, 1, 2
     return block_m, False, False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
 
@@ -400,7 +398,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     pdl=True (compute capability >= 9): both kernels use programmatic dependent launch. The call may then start
     while the previous kernel of the stream still runs: seqlens and the cache before each sequence's new tokens
     (positions < seqlens - N) are read before waiting for it, so the caller guarantees that no kernel of the same
-    chain of dependent launches writes them (model.GPT's fused decode step computes seqlens before the chain)."""
+    chain of dependent launches writes them (engine.fused_decode_step computes seqlens before the chain)."""
     B, N, H, M, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv, seqlens)
     dev = bk.device
     scale = D ** -0.5 if softmax_scale is None else softmax_scale
@@ -423,7 +421,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
                     and (pos_minor or (a_rows and aligned)))
     bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, per_rank, B * row_blocks)
     if not per_rank and bm > 32 and B * row_blocks * triton.cdiv(M, bm) < _num_sms(dev):  # a short cache: more,
-        bm = 32  # shorter splits (B=1, M=4096, H=32: 0.0064 vs 0.0083 ms with 128 positions)
+        bm = 32  # shorter splits
     BLOCK_M = block_m or bm
     prefetch = False if per_rank else (pf if prefetch is None else prefetch)
     a_dot = ad if a_dot is None else a_dot

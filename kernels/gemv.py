@@ -9,15 +9,16 @@ with what sits around a decode step's weight matmuls fused in.
     y = linear_one_row(x, w, residual=r)             # r + W x (r (..., N)): the residual add of a block
     y = linear_one_row(x, w, pdl=True)               # programmatic dependent launch (below)
     linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=True)
-        # batch-1 TPA decoding (model.GPT.fused_decode_step): the factor projection y = W rms_norm(x) (F,) =
+        # batch-1 TPA decoding (engine.fused_decode_step): the factor projection y = W rms_norm(x) (F,) =
         # [piece_0 | piece_1 | ...] split into dsts[i] (1, L_i, *F_i) at position pos (1,) (or 0 where not
         # at_pos[i]), pieces with rotate[i] turned by RoPE (half-split pairs) with row pos of the fp32 cos / sin
         # tables (max_len, half): the cache write and the query factors, no y in memory
 
 linear_one_row_ref / linear_factors_ref are the PyTorch references with the same signatures (F.rms_norm, F.linear,
 F.silu, the model's RoPE, index writes). Why a kernel: at batch 1 every weight matmul of a decode step is a
-matrix-vector product, cuBLAS runs them at about a third of the copy bandwidth on an H100, and the norms, SwiGLU,
-RoPE, cache writes and residual adds between them are ~1.5 us kernels each. Here each program owns BLOCK_N rows of
+matrix-vector product, which cuBLAS runs far below the copy bandwidth, and the norms, SwiGLU, RoPE, cache writes
+and residual adds between them are launch-bound kernels each (benchmarks/RESULTS.md, "Figures behind the code's
+choices"). Here each program owns BLOCK_N rows of
 W (and the matching rows of W_up), loads them whole (or in BLOCK_K chunks for long rows) with fp32 accumulation; a
 weightless RMSNorm of x is a scalar, rsqrt(mean(x^2) + eps), applied to the finished dot products (every program
 reads all of x anyway). In linear_factors a program owns rows of one piece, and of a rotated piece both rows of
@@ -61,8 +62,8 @@ def linear_one_row_ref(x, w, norm=False, glu=False, residual=None):
     return y if residual is None else residual + y
 
 
-# (rows per program, warps) without / with programmatic dependent launch, measured on an H100 over a chain of Medium
-# T6's 97 decode matrices in a CUDA graph: 0.445 / 0.330 ms (the previous 8-row kernel: 0.523 ms)
+# (rows per program, warps) without / with programmatic dependent launch: the fastest over a chain of Medium T6's 97
+# decode matrices in a CUDA graph (benchmarks/RESULTS.md, "Figures behind the code's choices")
 TILES = {False: (2, 4), True: (4, 4)}
 
 

@@ -6,9 +6,9 @@ SwiGLU's gate for training: h = silu(g) * u from the fused up-projection's outpu
 Forward and backward are Triton kernels on CUDA (an autograd-aware torch.library.triton_op that torch.compile
 launches itself); swiglu_ref is the PyTorch reference with the same signature. Why a kernel: torch.compile writes the
 backward's gradient [dg | du] as a concatenation, one element per thread, so every input of the backward (g, u and
-dh) is read once for each half (Small T6, H200: 138 us per layer against ~80 us of bytes); here one program computes
-both halves of a row block from a single read of each input. Math in fp32, one rounding per output. Measured (H200,
-compiled Small step, micro-batch 16; benchmarks/RESULTS.md): T6 43.1 -> 42.6 ms, MHA 32.1 -> 31.5 ms, same memory.
+dh) is read once for each half; here one program computes both halves of a row block from a single read of each
+input. Math in fp32, one rounding per output. Measured: benchmarks/RESULTS.md ("Figures behind the code's
+choices").
 """
 
 import torch

@@ -6,7 +6,7 @@ Decoding speed of whole models: Medium-size models of every mechanism (random we
 
 For each (mechanism, B, context) the cache is filled with random values up to the context, and decode steps
 (one token per sequence) are timed with CUDA events in each --modes: "fused graph" (batch-1 T6 only:
-GPT.fused_decode_step captured in a CUDA graph, what `sample.py` runs for T6 at batch 1 with --cuda_graph),
+engine.fused_decode_step captured in a CUDA graph, what `sample.py` runs for T6 at batch 1 with --cuda_graph),
 "compiled graph" (the torch.compile'd step captured in a CUDA graph, what `sample.py --compile=True` runs),
 "cuda graph" (the eager step captured), "eager" (kv_len = the exact length, no mask); the fastest is reported,
 with every mode's time.
@@ -20,7 +20,8 @@ import os
 
 import torch
 
-from model import GPT, KVCache, model_config
+from engine import KVCache, compiled_decode_step, cuda_graph_step, fused_decode_ok, fused_decode_step
+from model import GPT, model_config
 from scripts.bench_decode import copy_bandwidth
 
 ATTNS = ["tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla"]
@@ -42,24 +43,18 @@ def time_decode(model, B, ctx, mode, steps=20, warmup=3):
     "eager"; None where the mode does not apply."""
     max_len = ctx + steps + warmup + 4
     cache = KVCache(model, B, max_len)
-    if mode == "fused graph" and not model.fused_decode_ok(cache):
+    if mode == "fused graph" and not fused_decode_ok(cache):
         return None
     for layer in cache.layers:
         for t in layer.values():
             t.normal_(0, 0.5)
-    cache.seqlens.fill_(ctx)
+    cache.seek(ctx)
     tok = torch.randint(0, 50257, (B,), device="cuda")
     if mode != "eager":
-        decode = {"compiled graph": model.compiled_decode_step, "fused graph": lambda: model.fused_decode_step}
-        step = model._graph_decode_step(cache, B, decode[mode]() if mode in decode else None)
-    else:
-        cache.uniform = True
-        length = [ctx]
-
-        def step(t):
-            length[0] += 1
-            cache.kv_len = length[0]
-            return model.decode_step(t[:, None], cache)
+        decode = {"compiled graph": compiled_decode_step, "fused graph": lambda: fused_decode_step}
+        step = cuda_graph_step(cache, decode[mode]() if mode in decode else None)
+    else:  # kv_len = the exact length; one-token steps of equal rows need no mask
+        step = cache.step
     for _ in range(warmup):
         tok = step(tok).argmax(-1)
     torch.cuda.synchronize()

@@ -1,5 +1,5 @@
 """
-GPU checks of batch-1 decoding's fused path (GPT.fused_decode_step and the kernels it chains), on a CUDA GPU:
+GPU checks of batch-1 decoding's fused path (engine.fused_decode_step and the kernels it chains), on a CUDA GPU:
 
     python -m scripts.check_decode                                   # everything
     python -m scripts.check_decode --models=tpa_kvonly:bfloat16      # only part 3, for these models
@@ -20,7 +20,8 @@ import torch
 
 from kernels.flashtpa import flashtpa_decode_triton
 from kernels.gemv import linear_one_row
-from model import GPT, KVCache, model_config
+from engine import KVCache, compiled_decode_step, cuda_graph_step, decode_step, fused_decode_step
+from model import GPT, model_config
 
 
 def main():
@@ -82,12 +83,10 @@ def main():
                      ("fused graph", True, True, False), ("compiled graph", False, True, True)]
             for name, fused, graph, comp in modes:
                 cache = KVCache(model, 1, 340)
-                cache.fresh, cache.kv_len = True, 300
-                model(idx, all_logits=True, cache=cache)
-                cache.fresh, cache.kv_len = False, 340
-                decode = model.compiled_decode_step() if comp else model.decode_step
-                decode = model.fused_decode_step if fused else decode
-                step = model._graph_decode_step(cache, 1, decode) if graph else (lambda t: decode(t[:, None], cache))
+                cache.prefill(idx)
+                decode = compiled_decode_step() if comp else decode_step
+                decode = fused_decode_step if fused else decode
+                step = cuda_graph_step(cache, decode) if graph else (lambda t: cache.step(t, decode))
                 outs[name] = torch.stack([step(tokens[:, i]).float().clone() for i in range(12)])
             base = outs.pop("generic eager")
             compiled_err = ((outs["compiled graph"] - base).norm() / base.norm()).item()

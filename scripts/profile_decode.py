@@ -4,7 +4,7 @@ a Medium model (random weights, bf16), on a CUDA GPU.
 
     python -m scripts.profile_decode                        # T6, batch 1, 32K context
     python -m scripts.profile_decode --attn=mha --B=16 --context=8192
-    python -m scripts.profile_decode --fused               # T6's batch-1 fused step (GPT.fused_decode_step)
+    python -m scripts.profile_decode --fused               # T6's batch-1 fused step (engine.fused_decode_step)
     python -m scripts.profile_decode --ablate              # the fused step timed whole, without FlashTPA's
                                                            # combine, and without attention (timing only)
 
@@ -24,8 +24,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import kernels.flashtpa
-import model as model_module
-from model import KVCache
+import engine
+from engine import KVCache, compiled_decode_step, cuda_graph_step, fused_decode_step
 from scripts.bench_decode import copy_bandwidth
 from scripts.bench_generate import build, time_decode
 
@@ -42,7 +42,7 @@ def main():
     parser.add_argument("--B", type=int, default=1)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--fused", action="store_true", help="profile GPT.fused_decode_step (batch-1 T6)")
+    parser.add_argument("--fused", action="store_true", help="profile engine.fused_decode_step (batch-1 T6)")
     parser.add_argument("--ablate", action="store_true", help="time the fused step whole and with parts left out")
     args = parser.parse_args()
     model = build(args.attn, args.context + 64)
@@ -52,9 +52,9 @@ def main():
     for layer in cache.layers:
         for t in layer.values():
             t.normal_(0, 0.5)
-    cache.seqlens.fill_(args.context)
+    cache.seek(args.context)
     with torch.no_grad():
-        step = model._graph_decode_step(cache, args.B, model.fused_decode_step if args.fused else model.compiled_decode_step())
+        step = cuda_graph_step(cache, fused_decode_step if args.fused else compiled_decode_step())
         tok = torch.zeros(args.B, dtype=torch.long, device="cuda")
         for _ in range(3):
             tok = step(tok).argmax(-1)
@@ -91,20 +91,20 @@ class _NotLaunched:
 def ablate(model, context):
     bw = copy_bandwidth()
     weights = model.num_params() * model.lm_head.weight.element_size()
-    combine, attention = kernels.flashtpa._flashtpa_combine_kernel, model_module.flashtpa_decode
+    combine, attention = kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode
     empty = lambda aq, bq, ak, bk, av, bv, **kwargs: aq.new_empty(*aq.shape[:3], bv.shape[-1])
     rows = []
     try:
         for name, comb, attn in [("whole step", combine, attention), ("FlashTPA's combine not launched", _NotLaunched(),
                                  attention), ("attention left out (matrix-vector chain)", combine, empty)]:
-            kernels.flashtpa._flashtpa_combine_kernel, model_module.flashtpa_decode = comb, attn
+            kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode = comb, attn
             res = time_decode(model, 1, context, "fused graph")
             if res is None:
                 raise SystemExit("--ablate times the fused batch-1 step: --attn=tpa or tpa_kvonly")
             ms, cache_bytes = res
             rows.append((name, ms))
     finally:
-        kernels.flashtpa._flashtpa_combine_kernel, model_module.flashtpa_decode = combine, attention
+        kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode = combine, attention
     print(f"{torch.cuda.get_device_name()}: fused batch-1 step, context {context}, copy {bw / 1e9:.0f} GB/s; bounds: "
           f"weights {weights / bw * 1e3:.3f} ms, weights + cache {(weights + cache_bytes) / bw * 1e3:.3f} ms")
     print("| step | ms |\n|---|---|")

@@ -11,7 +11,8 @@ import torch
 from conftest import ROOT, child_env
 from data.shards import write_shard
 from kernels import HAS_TRITON
-from model import GPT, KVCache, model_config, sample_logits
+from engine import KVCache, decode_step, fused_decode_ok, fused_decode_step, sample_logits
+from model import GPT, model_config
 from test_model import IDS, V, VARIANTS, randomize, tiny
 
 
@@ -28,15 +29,8 @@ def _interpreter_gemv_tiles(monkeypatch):
 def full_vs_cached_logits(model, seq, prefill, **cache_opts):
     """Relative error of cached logits (prefill, then one token at a time) against one full forward."""
     full = model(seq, all_logits=True)[0]
-    cache = KVCache(model, seq.size(0), seq.size(1))
-    for k, v in cache_opts.items():
-        setattr(cache, k, v)
-    cache.fresh, cache.kv_len = True, prefill
-    got = [model(seq[:, :prefill], all_logits=True, cache=cache)[0]]
-    cache.fresh = False
-    for t in range(prefill, seq.size(1)):
-        cache.kv_len = t + 1
-        got.append(model(seq[:, t:t + 1], cache=cache)[0])
+    cache = KVCache(model, seq.size(0), seq.size(1), **cache_opts)
+    got = [cache.prefill(seq[:, :prefill])] + [cache.step(seq[:, t])[:, None] for t in range(prefill, seq.size(1))]
     got = torch.cat(got, dim=1)
     return ((got - full).norm() / full.norm()).item()
 
@@ -62,6 +56,36 @@ def test_cache_equals_recompute(attn, opts):
         assert err <= 1e-5, (prefill, err)
 
 
+def test_cache_api_owns_its_bookkeeping():
+    """prefill / step / reset / seek: a reset cache decodes again exactly; misuse is refused with a message."""
+    model = randomize(tiny("tpa"), std=0.1)
+    seq = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(4))
+    cache = KVCache(model, 2, 10)
+    runs = []
+    for _ in range(2):
+        runs.append(torch.cat([cache.prefill(seq[:, :3])[:, -1:], cache.step(seq[:, 3:6])[:, None]]
+                              + [cache.step(seq[:, t])[:, None] for t in range(6, 10)], dim=1))
+        assert cache.seqlens.tolist() == [10, 10] and cache.length == 10
+        with pytest.raises(ValueError, match="exceed the cache's max_len=10"):
+            cache.step(seq[:, 0])
+        with pytest.raises(ValueError, match="prefill needs an empty cache"):
+            cache.prefill(seq[:, :2])
+        cache.reset()
+    assert torch.equal(runs[0], runs[1])
+    full = model(seq, all_logits=True)[0][:, [2, 5, 6, 7, 8, 9]]
+    assert ((runs[0] - full).norm() / full.norm()).item() <= 1e-5
+    with pytest.raises(ValueError, match="3 rows of tokens for a cache of batch size 2"):
+        cache.prefill(seq[:1].expand(3, 10))
+    # seek: decoding from a cache filled elsewhere (the benchmarks' random caches) reads what is there
+    cache.prefill(seq[:, :6])
+    other = KVCache(model, 2, 10)
+    for a, b in zip(other.layers, cache.layers):
+        for name in a:
+            a[name].copy_(b[name])
+    other.seek(6)
+    torch.testing.assert_close(other.step(seq[:, 6]), cache.step(seq[:, 6]), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("attn", ["tpa", "mla"])
 def test_compiled_decode_step(attn):
     """generate(compile=True): the torch.compile'd decode step gives the eager tokens (ragged batch too)."""
@@ -82,11 +106,9 @@ def test_mla_absorbed_equals_naive():
         # and directly: absorbed decode == naive decode, step by step
         caches = []
         for absorb in (True, False):
-            cache = KVCache(model, 2, 12)
-            cache.mla_absorb, cache.fresh, cache.kv_len = absorb, True, 4
-            model(seq[:, :4], cache=cache)
-            cache.fresh, cache.kv_len = False, 12
-            caches.append(torch.cat([model(seq[:, t:t + 1], cache=cache)[0] for t in range(4, 12)], dim=1))
+            cache = KVCache(model, 2, 12, mla_absorb=absorb)
+            cache.prefill(seq[:, :4])
+            caches.append(torch.stack([cache.step(seq[:, t]) for t in range(4, 12)], dim=1))
         torch.testing.assert_close(caches[0], caches[1], rtol=1e-5, atol=1e-5)
 
 
@@ -114,16 +136,10 @@ def test_fused_decode_step(use_kernel, attn):
     seq = torch.randint(0, V, (1, 12), generator=torch.Generator().manual_seed(3))
     runs = []
     for fused in (False, True):
-        cache = KVCache(model, 1, 12)
-        cache.use_kernel, cache.fresh, cache.kv_len = use_kernel, True, 4
-        model(seq[:, :4], all_logits=True, cache=cache)
-        cache.fresh = False
-        logits = []
-        for t in range(4, 12):
-            cache.kv_len = t + 1
-            step = model.fused_decode_step if fused else model.decode_step
-            logits.append(step(seq[:, t:t + 1], cache))
-        runs.append((torch.stack(logits), cache))
+        cache = KVCache(model, 1, 12, use_kernel=use_kernel)
+        cache.prefill(seq[:, :4])
+        step = fused_decode_step if fused else decode_step
+        runs.append((torch.stack([cache.step(seq[:, t], step) for t in range(4, 12)]), cache))
     (ref, ref_cache), (got, got_cache) = runs
     assert got.shape == ref.shape == (8, 1, V)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
@@ -135,10 +151,10 @@ def test_fused_decode_step(use_kernel, attn):
     idx = seq[:, :5]
     assert torch.equal(model.generate(idx, 6, top_k=1, fused=True, use_kernel=use_kernel),
                        model.generate(idx, 6, top_k=1, fused=False, use_kernel=use_kernel))
-    assert not model.fused_decode_ok(KVCache(model, 2, 8))
-    assert not tiny("tpa", kv_shift=True).fused_decode_ok(KVCache(tiny("tpa", kv_shift=True), 1, 8))
+    assert not fused_decode_ok(KVCache(model, 2, 8)) and not fused_decode_ok(KVCache(model, 1, 8, use_kernel=False))
+    assert not fused_decode_ok(KVCache(tiny("tpa", kv_shift=True), 1, 8))
     with pytest.raises(ValueError, match="batch-1 T6 / TPA-KVonly"):
-        model.fused_decode_step(seq[:, :1].expand(2, 1), KVCache(model, 2, 8))
+        fused_decode_step(seq[:, :1].expand(2, 1), KVCache(model, 2, 8))
     if use_kernel == "triton":  # fp16 (the interpreter mis-handles bf16): the same arithmetic up to rounding (the
         # norm's eps is fp32's, as in F.rms_norm: fp16's would change these logits by ~8%)
         half = [run_half(model.half(), seq, fused) for fused in (False, True)]
@@ -154,29 +170,18 @@ def test_position_minor_cache(attn, use_kernel):
         pytest.skip("triton is not installed")
     model = randomize(tiny(attn), std=0.1)
     seq = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(5))
-    cache = KVCache(model, 2, 13, position_minor=True)
+    cache = KVCache(model, 2, 13, position_minor=True, use_kernel=use_kernel)
     ak = cache.layers[0]["ak"]
     assert ak.shape[:2] == (2, 13) and ak.stride(1) == 1 and ak.stride(-1) == 16  # 13 slots rounded up to 16
     assert cache.nbytes() == KVCache(model, 2, 13).nbytes() == model.kv_cache_elems_per_token() * 2 * 13 * 4
-    cache.use_kernel, cache.fresh, cache.kv_len = use_kernel, True, 5
-    got = [model(seq[:, :5], all_logits=True, cache=cache)[0]]
-    cache.fresh = False
-    for t in range(5, 13):
-        cache.kv_len = t + 1
-        got.append(model.decode_step(seq[:, t:t + 1], cache)[:, None])
+    got = [cache.prefill(seq[:, :5])] + [cache.step(seq[:, t])[:, None] for t in range(5, 13)]
     full = model(seq, all_logits=True)[0]
     assert ((torch.cat(got, 1) - full).norm() / full.norm()).item() <= 1e-5
     runs = []
     for minor, fused in ((False, False), (True, True)):
-        c = KVCache(model, 1, 12, position_minor=minor)
-        c.use_kernel, c.fresh, c.kv_len = use_kernel, True, 4
-        model(seq[:1, :4], all_logits=True, cache=c)
-        c.fresh = False
-        logits = []
-        for t in range(4, 12):
-            c.kv_len = t + 1
-            logits.append((model.fused_decode_step if fused else model.decode_step)(seq[:1, t:t + 1], c))
-        runs += [torch.stack(logits), c]
+        c = KVCache(model, 1, 12, position_minor=minor, use_kernel=use_kernel)
+        c.prefill(seq[:1, :4])
+        runs += [torch.stack([c.step(seq[:1, t], fused_decode_step if fused else decode_step) for t in range(4, 12)]), c]
     torch.testing.assert_close(runs[2], runs[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(runs[3].layers, runs[1].layers):
         for name in a:
@@ -184,12 +189,9 @@ def test_position_minor_cache(attn, use_kernel):
 
 
 def run_half(model, seq, fused):
-    cache = KVCache(model, 1, 12)
-    cache.use_kernel, cache.fresh, cache.kv_len = "triton", True, 4
-    model(seq[:, :4], all_logits=True, cache=cache)
-    cache.fresh, cache.kv_len = False, 12
-    return torch.stack([(model.fused_decode_step if fused else model.decode_step)(seq[:, t:t + 1], cache).float()
-                        for t in range(4, 12)])
+    cache = KVCache(model, 1, 12, use_kernel="triton")
+    cache.prefill(seq[:, :4])
+    return torch.stack([cache.step(seq[:, t], fused_decode_step if fused else decode_step).float() for t in range(4, 12)])
 
 
 @pytest.mark.parametrize("attn,opts", VARIANTS, ids=IDS)

@@ -110,7 +110,7 @@ def test_loop_forms(ranks, form):
 
 @needs_triton
 def test_position_minor_cache_heuristics():
-    """A position-minor cache (what model.KVCache allocates) through the default heuristics, several row blocks."""
+    """A position-minor cache (what engine.KVCache allocates) through the default heuristics, several row blocks."""
     t = position_minor(factors(1, 2, 300, 40, 6, 2, 2, 32, 32, seed=7))  # N * H = 80 rows: two row blocks
     check(t, torch.tensor([300]), torch.float16, atol=1e-4)
     check(t, torch.tensor([300]), torch.float32, atol=1e-6)
