@@ -32,7 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
-from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, swiglu,
+from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_one_row,
+                     swiglu,
                      tpa_materialize)
 
 

@@ -30,3 +30,30 @@ def test_source_is_plain_and_compiles(path, tmp_path):
 def test_module_imports(path):
     rel = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
     importlib.import_module(rel.removesuffix(".__init__"))
+
+
+def test_no_undefined_names():
+    """pyflakes' undefined names: a name used only on a GPU path (e.g. a kernel called only for CUDA tensors) fails
+    there, not in these CPU tests, unless caught statically."""
+    pytest.importorskip("pyflakes", reason="pip install pyflakes (the README's test command installs it)")
+    from pyflakes import api, messages, reporter
+
+    class Collect(reporter.Reporter):
+        def __init__(self):
+            super().__init__(None, None)
+            self.found = []
+
+        def flake(self, message):
+            if isinstance(message, (messages.UndefinedName, messages.UndefinedLocal, messages.UndefinedExport)):
+                self.found.append(str(message))
+
+        def syntaxError(self, *args):
+            pass  # test_source_is_plain_and_compiles reports these
+
+        def unexpectedError(self, filename, msg):
+            self.found.append(f"{filename}: {msg}")
+
+    r = Collect()
+    for path in FILES:
+        api.checkPath(path, r)
+    assert not r.found, "\n".join(r.found)
