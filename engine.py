@@ -19,7 +19,7 @@ Shape legend: B batch, T new tokens, L max_len, M cache slots read (kv_len), V v
 
 import torch
 
-from kernels import HAS_TRITON, flashtpa_decode, linear_factors, linear_one_row, write_rows
+from kernels import flashtpa_decode, linear_factors, linear_one_row, pick, write_rows
 
 
 # -----------------------------------------------------------------------------
@@ -218,8 +218,7 @@ def fused_decode_step(tok, cache):
         raise ValueError("fused_decode_step serves batch-1 T6 / TPA-KVonly models (see fused_decode_ok), one token "
                          "per step")
     model = cache.model
-    kern = cache.use_kernel == "triton" or (HAS_TRITON and tok.is_cuda)
-    impl = "triton" if kern else "ref"
+    impl = "triton" if cache.use_kernel == "triton" else pick(tok)
     pos = cache.seqlens  # (1,) the new token's position
     seqlens = pos + 1  # computed before the chain: FlashTPA reads it before waiting for the previous kernel
     x = model.transformer.wte(tok).view(-1)  # (C,) the residual stream

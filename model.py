@@ -32,9 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
-from kernels import (HAS_TRITON, apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_one_row,
-                     swiglu,
-                     tpa_materialize)
+from kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_one_row,
+                     pick, swiglu, tpa_materialize)
 
 
 # -----------------------------------------------------------------------------
@@ -532,7 +531,7 @@ class TPA(Attention):
         else:  # a standard query is rank-H TPA with A = H * I
             aq, bq = (H * torch.eye(H, device=q.device, dtype=q.dtype)).expand(B, T, H, H), q
         use = cache.use_kernel
-        impl = "triton" if use == "triton" or (use and HAS_TRITON and bq.is_cuda and T <= 16) else "ref"
+        impl = "triton" if use == "triton" else (pick(bq, T <= 16) if use else "ref")  # long chunks: materialised
         return flashtpa_decode(aq, bq, *factors, seqlens=cache.seqlens + T, impl=impl)
 
     def attn_flops_per_token(self, T):

@@ -4,13 +4,14 @@ cross_entropy.py, mlp.py, gemv.py, cache_write.py."""
 from kernels.cache_write import write_rows, write_rows_ref
 from kernels.cross_entropy import (cross_entropy_loss, cross_entropy_loss_ref, linear_cross_entropy,
                                    linear_cross_entropy_ref)
-from kernels.flashtpa import HAS_TRITON, flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
+from kernels.dispatch import HAS_TRITON, pick
+from kernels.flashtpa import flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
 from kernels.gemv import linear_factors, linear_factors_ref, linear_one_row, linear_one_row_ref
 from kernels.materialize import tpa_materialize, tpa_materialize_ref
 from kernels.rope import apply_rope, apply_rope_ref
 from kernels.mlp import swiglu, swiglu_ref
 
-__all__ = ["HAS_TRITON", "apply_rope", "apply_rope_ref", "cross_entropy_loss", "cross_entropy_loss_ref", "flashtpa_decode",
+__all__ = ["HAS_TRITON", "pick", "apply_rope", "apply_rope_ref", "cross_entropy_loss", "cross_entropy_loss_ref", "flashtpa_decode",
            "flashtpa_decode_einsum", "flashtpa_decode_ref", "linear_cross_entropy", "linear_cross_entropy_ref",
            "linear_factors", "linear_factors_ref", "linear_one_row", "linear_one_row_ref", "tpa_materialize",
            "tpa_materialize_ref", "swiglu", "swiglu_ref", "write_rows", "write_rows_ref"]

@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-from kernels.triton_check import HAS_TRITON
+from kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton
@@ -122,7 +122,7 @@ def write_rows(dsts, srcs, pos, impl=None):
     dsts, srcs = list(dsts), list(srcs)
     fits = all(feature_stride(d) is not None and d.shape[:2] == dsts[0].shape[:2] for d in dsts)  # what it handles
     if impl is None:
-        impl = "triton" if HAS_TRITON and pos.is_cuda and fits else "ref"
+        impl = pick(pos, fits)
     if impl == "triton":
         _check(dsts, srcs, pos)
         if not fits:

@@ -22,7 +22,7 @@ gradient), for Small models a tenth of a training step.
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_check import HAS_TRITON
+from kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton
@@ -171,7 +171,7 @@ def linear_cross_entropy(x, weight, targets, ignore_index=-1, impl=None):
     scales the two small products by the upstream gradient. Under autocast x and weight are cast to
     its dtype. impl: None (the Triton op on CUDA, else the reference), "triton" or "ref"."""
     if impl is None:
-        impl = "triton" if HAS_TRITON and x.is_cuda and x.dim() == 2 else "ref"
+        impl = pick(x, x.dim() == 2)
     if impl == "triton":
         if torch.is_autocast_enabled(x.device.type):
             dt = torch.get_autocast_dtype(x.device.type)
@@ -191,7 +191,7 @@ def cross_entropy_loss(logits, targets, ignore_index=-1, impl=None):
     (nan if there is none, as F.cross_entropy). impl: None (the Triton op on CUDA, else the reference),
     "triton" or "ref"."""
     if impl is None:
-        impl = "triton" if HAS_TRITON and logits.is_cuda and logits.dim() == 2 else "ref"
+        impl = pick(logits, logits.dim() == 2)
     if impl == "triton":
         rows, _ = _ce_rows_op(logits, targets, int(ignore_index))
         return rows.sum() / (targets != ignore_index).sum()

@@ -50,14 +50,13 @@ from typing import Optional
 
 import torch
 
-from kernels.triton_check import HAS_TRITON
+from kernels.dispatch import HAS_TRITON, pdl_supported, pick
 
 if HAS_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from kernels.gemv import pdl_supported
 
 
 # -----------------------------------------------------------------------------
@@ -475,7 +474,7 @@ def flashtpa_decode(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, im
     "triton" or "ref". pdl: programmatic dependent launch on CUDA (see flashtpa_decode_triton), outside the
     torch.library op (not for torch.compile)."""
     if impl is None:
-        impl = "triton" if HAS_TRITON and bk.is_cuda else "ref"
+        impl = pick(bk)
     if impl == "triton":
         if not HAS_TRITON:
             raise RuntimeError("flashtpa_decode(impl='triton') needs the triton package")

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from kernels.cache_write import feature_stride
 
-from kernels.triton_check import HAS_TRITON
+from kernels.dispatch import HAS_TRITON, pdl_supported, pick
 
 if HAS_TRITON:
     import triton
@@ -226,7 +226,7 @@ def linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=False, impl=N
     half = cos.size(-1)
     fits = len(dsts) <= 6 and half & (half - 1) == 0 and half >= 1  # what the kernel handles
     if impl is None:
-        impl = "triton" if HAS_TRITON and x.is_cuda and x.dtype == w.dtype and fits else "ref"
+        impl = pick(x, x.dtype == w.dtype and fits)
     if impl == "ref":
         return linear_factors_ref(x, w, dsts, rotate, at_pos, pos, cos, sin, norm)
     if impl != "triton":
@@ -250,11 +250,6 @@ def linear_factors(x, w, dsts, rotate, at_pos, pos, cos, sin, norm=False, impl=N
         num_warps=warps, **({"launch_pdl": True} if pdl else {}))
 
 
-def pdl_supported(device):
-    """Programmatic dependent launch (griddepcontrol) needs a CUDA GPU of compute capability >= 9."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def linear_one_row(x, w, norm=False, glu=False, residual=None, impl=None, pdl=False):
     """x (..., K) holding one row, w (N, K) -> (..., N), or (..., N/2) with glu (see the module docstring).
     impl: None (the Triton kernel for CUDA tensors of one dtype, else the reference), "triton" or "ref".
@@ -269,7 +264,7 @@ def linear_one_row(x, w, norm=False, glu=False, residual=None, impl=None, pdl=Fa
     if residual is not None and residual.numel() != N:
         raise ValueError(f"linear_one_row: residual {tuple(residual.shape)} must hold the {N} outputs")
     if impl is None:
-        impl = "triton" if HAS_TRITON and x.is_cuda and x.dtype == w.dtype else "ref"
+        impl = pick(x, x.dtype == w.dtype)
     if impl == "triton":
         if pdl and pdl_supported(x.device):
             x1, r1, y = _flat(x, w, glu, residual)

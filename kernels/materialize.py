@@ -14,7 +14,7 @@ and the per-token products are batched matmuls on the tensor cores.
 
 import torch
 
-from kernels.triton_check import HAS_TRITON
+from kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton
@@ -153,7 +153,7 @@ def tpa_materialize(a, b, scale, impl=None):
     CUDA tensors of matching B and T, else the reference), "triton" or "ref"."""
     if impl is None:
         plain = a.dim() == 4 and a.shape[:2] == b.shape[:2] and a.shape[-1] == b.shape[-2] and a.dtype == b.dtype
-        impl = "triton" if HAS_TRITON and a.is_cuda and plain else "ref"
+        impl = pick(a, plain)
     if impl == "triton":
         return _materialize_op(a, b, float(scale))
     if impl == "ref":

@@ -14,7 +14,7 @@ choices").
 import torch
 import torch.nn.functional as F
 
-from kernels.triton_check import HAS_TRITON
+from kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton
@@ -101,7 +101,7 @@ def swiglu(gu, impl=None):
     if gu.shape[-1] % 2:
         raise ValueError(f"swiglu: the last dimension of gu ({gu.shape[-1]}) must be even: [gate | up]")
     if impl is None:
-        impl = "triton" if HAS_TRITON and gu.is_cuda and gu.stride(-1) == 1 else "ref"
+        impl = pick(gu, gu.stride(-1) == 1)
     if impl == "triton":
         if gu.stride(-1) != 1:
             raise ValueError("swiglu(impl='triton') needs a last dimension with stride 1")

@@ -16,7 +16,7 @@ the strides, so the remaining concatenation is a plain copy.
 
 import torch
 
-from kernels.triton_check import HAS_TRITON
+from kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton
@@ -95,7 +95,7 @@ def apply_rope(x, cos, sin, impl=None):
     if impl is None:
         plain = (x.dim() == 4 and cos.dim() == 4 and cos.size(1) == x.size(1) and cos.size(0) in (1, x.size(0))
                  and x.size(-1) % 2 == 0 and not cos.requires_grad)
-        impl = "triton" if HAS_TRITON and x.is_cuda and x.requires_grad and plain else "ref"
+        impl = pick(x, x.requires_grad and plain)
     if impl == "triton":
         return _rope_op(x, cos, sin)
     if impl == "ref":

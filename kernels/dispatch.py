@@ -1,0 +1,53 @@
+"""The one kernel dispatch: whether the Triton kernels can run here, which implementation an op call gets, and the
+two switches.
+
+    TPA_KERNELS=ref   every op runs its PyTorch reference (A/B runs, debugging, a GPU on which a kernel fails)
+    TPA_PDL=0         no programmatic dependent launch, the Hopper-only launch feature of the decode kernels:
+                      a Hopper GPU then runs what an A100 runs
+
+The kernels are defined only where Triton can run: a CUDA device, or Triton's CPU interpreter (TRITON_INTERPRET=1,
+which the tests use). Elsewhere every op runs its PyTorch reference, and importing the kernel modules skips
+defining the ops, which costs seconds (torch.library.triton_op imports TorchInductor). On a CUDA machine whose
+Triton cannot run the kernels (not installed, or too old for the launch-dependency intrinsics), or with
+TPA_KERNELS=ref, importing the kernels warns once with the reason, and CUDA tensors run the references.
+
+Each op's impl argument: None (the dispatch below: the kernel for CUDA tensors of a shape it takes), "triton"
+(the kernel, wherever Triton runs; the tests use it on CPU) or "ref".
+"""
+
+import os
+import warnings
+
+import torch
+
+
+def _triton_status():
+    """(usable, why not)."""
+    if not (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"):
+        return False, "no CUDA device"
+    try:
+        import triton  # noqa: F401
+        from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait  # noqa: F401  (PDL intrinsics)
+    except ImportError as e:
+        return False, f"triton cannot be used: {e} (pip install -U triton)"
+    return True, ""
+
+
+HAS_TRITON, WHY_NOT = _triton_status()
+FORCE_REF = os.environ.get("TPA_KERNELS", "auto").lower() == "ref"
+PDL_OFF = os.environ.get("TPA_PDL", "1") == "0"
+KERNELS = HAS_TRITON and not FORCE_REF  # whether the dispatch picks kernels for CUDA tensors
+
+if torch.cuda.is_available() and not KERNELS:
+    warnings.warn("the Triton kernels are off, every op runs its PyTorch reference (slower): "
+                  + ("TPA_KERNELS=ref is set" if HAS_TRITON else WHY_NOT), stacklevel=2)
+
+
+def pick(t, fits=True):
+    """impl for an op call on tensor t: "triton" for a CUDA tensor of a shape the kernel takes (fits), else "ref"."""
+    return "triton" if KERNELS and t.is_cuda and fits else "ref"
+
+
+def pdl_supported(device):
+    """Programmatic dependent launch (griddepcontrol): a CUDA GPU of compute capability >= 9, unless TPA_PDL=0."""
+    return device.type == "cuda" and not PDL_OFF and torch.cuda.get_device_capability(device)[0] >= 9
