@@ -1,9 +1,9 @@
 """
 Downstream evaluation with lm-evaluation-harness (pip `lm-eval`), the paper's suite by default (docs/DESIGN.md sec. 6).
 
-    python -m eval.harness --ckpt_dir=out/medium_tpa --tasks=paper --num_fewshot=0,2 --batch_size=32
-    python -m eval.harness --ckpt_dir=out/medium_tpa --tasks=hellaswag,lambada_openai --limit=200
-    HF_DATASETS_OFFLINE=1 python -m eval.harness --ckpt_dir=... --tasks=my_task --include_path=tasks/
+    python -m eval.harness --out_dir=out/medium_tpa --tasks=paper --num_fewshot=0,2 --batch_size=32
+    python -m eval.harness --out_dir=out/medium_tpa --tasks=hellaswag,lambada_openai --limit=200
+    HF_DATASETS_OFFLINE=1 python -m eval.harness --out_dir=... --tasks=my_task --include_path=tasks/
 
 `paper` is ARC-E, ARC-C, BoolQ, HellaSwag, OBQA, PIQA, WinoGrande, MMLU and SciQ with the paper's metric per
 task (acc_norm, or acc for BoolQ, WinoGrande and MMLU); any harness task or group name works too. The table
@@ -213,21 +213,27 @@ def write_samples(out_dir, shots, samples):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt_dir", required=True, help="a run directory (newest checkpoint) or a ckpt_*.pt file")
-    parser.add_argument("--tasks", default="paper", help="'paper' or comma-separated harness tasks / groups")
-    parser.add_argument("--num_fewshot", default="0,2", help="comma-separated shot settings")
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", default="float32", help="float32 (as the paper's harness runs), bfloat16 / bf16, "
-                                                           "float16 / fp16")
-    parser.add_argument("--limit", type=float, default=None, help="examples per task (for quick checks)")
-    parser.add_argument("--include_path", default=None, help="a folder of local task YAMLs")
-    parser.add_argument("--avg", default="paper", choices=["paper", "all"],
-                        help="average the paper's tasks (default) or every task run")
-    parser.add_argument("--output_path", default=None,
-                        help="a new folder for the results (default: harness_<iter>_<time> beside the checkpoint)")
-    args = parser.parse_args(argv)
+    from configurator import configure
+    out_dir = "out"  # the run folder (its newest checkpoint) or a ckpt_*.pt file; --ckpt_dir is the same
+    tasks = "paper"  # 'paper' or comma-separated harness tasks / groups
+    num_fewshot = "0,2"  # comma-separated shot settings
+    batch_size = 16
+    device = "auto"  # auto (CUDA if present), cpu, cuda, cuda:N
+    dtype = "float32"  # float32 (as the paper's harness runs), bfloat16 / bf16, float16 / fp16
+    limit = None  # examples per task (for quick checks)
+    include_path = ""  # a folder of local task YAMLs
+    avg = "paper"  # average the paper's tasks ('paper') or every task run ('all')
+    output_path = ""  # a new folder for the results (default: harness_<iter>_<time> beside the checkpoint)
+    try:
+        cfg = configure(locals(), sys.argv[1:] if argv is None else argv, aliases={"ckpt_dir": "out_dir"})
+        if cfg["avg"] not in ("paper", "all"):
+            raise ValueError(f"avg={cfg['avg']!r}: use 'paper' or 'all'")
+        if cfg["limit"] is not None and not (isinstance(cfg["limit"], (int, float)) and cfg["limit"] > 0):
+            raise ValueError(f"limit={cfg['limit']!r} must be a number > 0 (examples per task, or a fraction < 1)")
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}")
+    args = argparse.Namespace(**cfg)
+    args.num_fewshot = str(args.num_fewshot)
     import importlib.metadata
 
     from lm_eval import simple_evaluate
@@ -242,13 +248,13 @@ def main(argv=None):
         raise SystemExit(f"config error: {e}")
     tasks = list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
     try:
-        ckpt_path = find_checkpoint(args.ckpt_dir)
+        ckpt_path = find_checkpoint(args.out_dir)
     except FileNotFoundError as e:
         raise SystemExit(f"cannot load a checkpoint: {e}")
     manager = TaskManager(include_path=args.include_path) if args.include_path else TaskManager()
     check_tasks(tasks, manager)
     lm = TPALM(ckpt_dir=ckpt_path, device=args.device, dtype=args.dtype, batch_size=args.batch_size)
-    out_dir = output_dir(args.output_path, ckpt_path, lm.iter_num)
+    out_dir = output_dir(args.output_path or None, ckpt_path, lm.iter_num)
     by_shot = {}
     for shots in (int(s) for s in args.num_fewshot.split(",")):
         try:

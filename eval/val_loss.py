@@ -1,9 +1,9 @@
 """
 Validation loss, perplexity and bits per byte of a checkpoint, on the fixed validation set.
 
-    python -m eval.val_loss --ckpt_dir=out/small_tpa
-    python -m eval.val_loss --ckpt_dir=out/small_tpa --data_dir=data/fineweb-edu-100B --eval_tokens=104857600
-    torchrun --standalone --nproc_per_node=8 -m eval.val_loss --ckpt_dir=out/xl_tpa
+    python -m eval.val_loss --out_dir=out/small_tpa
+    python -m eval.val_loss --out_dir=out/small_tpa --data_dir=data/fineweb-edu-100B --eval_tokens=104857600
+    torchrun --standalone --nproc_per_node=8 -m eval.val_loss --out_dir=out/xl_tpa
 
 The tokens are the first eval_tokens of the val split, in windows of block_size + 1 (data/loader.py ValSet), so
 the loss is the one train.py logs for the same checkpoint and budget, for any batch size or number of GPUs: the
@@ -89,7 +89,7 @@ def main():
     from checkpoint import load_model
     from common import destroy_distributed, init_distributed, resolve_device, resolve_dtype
     from configurator import configure
-    ckpt_dir = "out"  # a run directory (its newest checkpoint) or a ckpt_*.pt file
+    out_dir = "out"  # the run folder (its newest checkpoint) or a ckpt_*.pt file; --ckpt_dir is the same
     data_dir = ""  # default: the checkpoint's training data
     eval_tokens = 0  # default: the checkpoint's eval_tokens
     batch_size = 8
@@ -97,7 +97,7 @@ def main():
     dtype = "auto"
     compile = False
     try:
-        cfg = configure(locals(), sys.argv[1:])
+        cfg = configure(locals(), sys.argv[1:], aliases={"ckpt_dir": "out_dir"})
         device, device_type = resolve_device(cfg["device"])
         dtype, _, autocast = resolve_dtype(cfg["dtype"], device_type)
     except ValueError as e:
@@ -105,7 +105,7 @@ def main():
     dist_info = init_distributed(device)
     rank, world_size, device = dist_info.rank, dist_info.world_size, dist_info.device
     try:
-        model, ckpt = load_model(cfg["ckpt_dir"], device=device)
+        model, ckpt = load_model(cfg["out_dir"], device=device)
     except (FileNotFoundError, ValueError) as e:
         sys.exit(f"cannot load a checkpoint: {e}")
     train_cfg = ckpt.get("config", {})

@@ -21,7 +21,7 @@ def load(path):
         found = sorted(glob.glob(os.path.join(path, "harness_*", "harness.json")), key=os.path.getmtime)
         path = found[-1] if found else os.path.join(path, "harness.json")
     if not os.path.exists(path):
-        raise SystemExit(f"{path} does not exist: run python -m eval.harness --ckpt_dir=... first")
+        raise SystemExit(f"{path} does not exist: run python -m eval.harness --out_dir=... first")
     with open(path) as f:
         return json.load(f)
 

@@ -235,7 +235,7 @@ def parse_args(argv):
     sweep_argv, cli_train = [], {}
     for a in argv:
         key = a[2:].split("=", 1)[0] if a.startswith("--") else None
-        if key is None or key in SWEEP_KEYS:
+        if key is None or key in SWEEP_KEYS or a == "--help":
             sweep_argv.append(a)
         elif key in RESERVED:
             hint = {"seed": "seeds", "out_dir": "out_root", "max_iters": "max_iters"}.get(key)
@@ -298,7 +298,7 @@ def evaluate(run, kind, sweep, prefix, pass_fds):
         return False
     if kind == "val_loss":
         cmd = python_cmd(sweep["nproc"], "-m", "eval.val_loss") + [
-            f"--ckpt_dir={run.out_dir}", f"--eval_tokens={sweep['final_eval_tokens']}",
+            f"--out_dir={run.out_dir}", f"--eval_tokens={sweep['final_eval_tokens']}",
             f"--batch_size={run.config['batch_size']}", f"--device={run.config['device']}",
             f"--dtype={run.config['dtype']}"]
         result = os.path.join(run.out_dir, "val_loss.json")
@@ -306,7 +306,7 @@ def evaluate(run, kind, sweep, prefix, pass_fds):
         folder = os.path.join(run.out_dir, "harness_sweep")
         if os.path.isdir(folder):
             shutil.rmtree(folder)  # this sweep's own, from an attempt that failed
-        cmd = [sys.executable, "-m", "eval.harness", f"--ckpt_dir={run.out_dir}", f"--tasks={sweep['harness_tasks']}",
+        cmd = [sys.executable, "-m", "eval.harness", f"--out_dir={run.out_dir}", f"--tasks={sweep['harness_tasks']}",
                f"--output_path={folder}"] + sweep["harness_args"].split()
         result = os.path.join(folder, "harness.json")
     if os.path.isfile(result):

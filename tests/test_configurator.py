@@ -57,3 +57,30 @@ def test_file_errors(tmp_path):
         configure(DEFAULTS, [write(tmp_path, "batch_size = '16'\n")])
     with pytest.raises(ValueError, match="unknown config key 'q_lora_rank'"):  # the official repo's silent MLA bug
         configure(DEFAULTS, [write(tmp_path, "q_lora_rank = 1024\n")])
+
+
+def test_aliases_name_the_same_key():
+    aliases = {"ckpt_dir": "out_dir"}
+    assert configure(DEFAULTS, ["--ckpt_dir=runs/a"], aliases=aliases)["out_dir"] == "runs/a"
+    with pytest.raises(ValueError, match="unknown config key 'ckpt_dir'"):
+        configure(DEFAULTS, ["--ckpt_dir=runs/a"])
+
+
+def test_every_entry_point_lists_its_keys_with_defaults_and_comments():
+    """--help: the script's docstring, then every key, its default and the comment of its line; exit 0."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+    cases = {"train.py": ("batch_size = 30", "# micro-batch per GPU"),
+             "sample.py": ("top_p = 1.0", "# nucleus sampling"),
+             "-m eval.val_loss": ("out_dir = 'out'", "--ckpt_dir (= --out_dir)"),
+             "-m eval.harness": ("num_fewshot = '0,2'", "# comma-separated shot settings"),
+             "-m scripts.sweep": ("final_eval_tokens = 0", "# ")}
+    for script, needles in cases.items():
+        p = subprocess.run([sys.executable, *script.split(), "--help"], cwd=ROOT, env=child_env(), capture_output=True,
+                           text=True)
+        assert p.returncode == 0, (script, p.stderr[-2000:])
+        assert "Settings (config files, then --key=value" in p.stdout, script
+        line = next((ln for ln in p.stdout.splitlines() if needles[0] in ln), "")
+        assert needles[1] in (line if needles[1].startswith("#") else p.stdout), (script, line)

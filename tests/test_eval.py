@@ -152,7 +152,7 @@ def test_harness_end_to_end(tiny_run, tmp_path, monkeypatch):  # noqa: F811
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
     write_tasks(tmp_path / "tasks")
     from eval.harness import main
-    rows, out = main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc,toy_ll", "--num_fewshot=0,2", "--batch_size=8",
+    rows, out = main([f"--out_dir={tiny_run}", "--tasks=toy_mc,toy_ll", "--num_fewshot=0,2", "--batch_size=8",
                       "--device=cpu", f"--include_path={tmp_path / 'tasks'}"])
     assert [r["shots"] for r in rows] == [0, 2]
     assert os.path.dirname(out) == tiny_run and os.path.basename(out).startswith("harness_0000002_")
@@ -184,7 +184,7 @@ def test_harness_end_to_end(tiny_run, tmp_path, monkeypatch):  # noqa: F811
                                cwd=ROOT, capture_output=True, text=True)
     assert "| quick (limit 10) |" in out_table.stdout and "not comparable with full runs" in out_table.stdout
     with pytest.raises(SystemExit, match="already holds files; results are never written over"):
-        main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc", "--num_fewshot=0", "--device=cpu",
+        main([f"--out_dir={tiny_run}", "--tasks=toy_mc", "--num_fewshot=0", "--device=cpu",
               f"--include_path={tmp_path / 'tasks'}", f"--output_path={out}"])
 
 
@@ -199,7 +199,7 @@ def test_missing_task_data_fails_before_the_model_loads(tiny_run, tmp_path, monk
         raise AssertionError("the model was loaded before the tasks were checked")
     monkeypatch.setattr(checkpoint, "load_model", no_model)
     with pytest.raises(SystemExit) as e:
-        harness.main([f"--ckpt_dir={tiny_run}", "--tasks=toy_mc,toy_ll,no_such_task", "--num_fewshot=0",
+        harness.main([f"--out_dir={tiny_run}", "--tasks=toy_mc,toy_ll,no_such_task", "--num_fewshot=0",
                       "--device=cpu", f"--include_path={tmp_path / 'tasks'}"])
     message = str(e.value)
     assert "these tasks cannot be loaded" in message and "toy_mc:" in message and "no_such_task:" in message
