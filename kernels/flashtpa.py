@@ -46,6 +46,7 @@ PyTorch references with the same signature; flashtpa_decode falls back to the fi
 """
 
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -56,7 +57,9 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    from triton.runtime.errors import OutOfResources
 
+_SMALL_TILES_WARNED = set()  # devices told once that FlashTPA fell back to its smallest tiles
 
 
 # -----------------------------------------------------------------------------
@@ -424,37 +427,49 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     BLOCK_M = block_m or bm
     prefetch = False if per_rank else (pf if prefetch is None else prefetch)
     a_dot = ad if a_dot is None else a_dot
-    n_blocks = triton.cdiv(M, BLOCK_M)
-    if num_splits is None:  # M sets the grid, never the compiled code; never a partial second wave
-        num_splits = max(1, min(n_blocks, int((programs_per_sm or per_sm) * _num_sms(dev)) // (B * row_blocks)))
-    blocks_per_split = triton.cdiv(n_blocks, num_splits)
-    num_splits = triton.cdiv(n_blocks, blocks_per_split)
     out = torch.empty(B, N, H, E, device=dev, dtype=bv.dtype)
-    single = num_splits == 1
-    part = out.view(B, 1, n_rows, E) if single else torch.empty(B, num_splits, n_rows, E, device=dev, dtype=torch.float32)
-    lse = torch.empty(B, num_splits, n_rows, device=dev, dtype=torch.float32)
-    seq = seqlens if seqlens is not None else lse  # a dummy pointer when HAS_SEQLENS is False
     launch = {"launch_pdl": True} if pdl else {}
-    _flashtpa_decode_kernel[(num_splits, row_blocks, B)](
-        aq, bq, ak, bk, av, bv, seq, part, lse,
-        *aq.stride(), *bq.stride(), *ak.stride(), *bk.stride(), *av.stride(), *bv.stride(),
-        part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
-        N, M, blocks_per_split, scale * math.log2(math.e) / (Rq * Rk), H,
-        RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
-        BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D), BLOCK_E=triton.next_power_of_2(E),
-        HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32, PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot,
-        PER_RANK=per_rank, A_ROWS=a_rows and per_rank,
-        HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
-        num_warps=num_warps or 4, num_stages=num_stages or stages, **launch,
-    )
-    if not single:
-        BLOCK_S = min(combine_block_s, triton.next_power_of_2(num_splits))
-        BLOCK_E = min(combine_block_e, triton.next_power_of_2(E))
-        _flashtpa_combine_kernel[(n_rows, triton.cdiv(E, BLOCK_E), B)](
-            part, lse, out, num_splits, part.stride(0), part.stride(1), part.stride(2),
-            lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_S=BLOCK_S, BLOCK_E=BLOCK_E,
-            ONE_PASS=BLOCK_S >= num_splits, PDL=pdl, num_warps=4 if BLOCK_S * BLOCK_E >= 4096 else 2, **launch,
+
+    def run(BLOCK_M, stages, prefetch, a_dot, num_splits):
+        n_blocks = triton.cdiv(M, BLOCK_M)
+        if num_splits is None:  # M sets the grid, never the compiled code; never a partial second wave
+            num_splits = max(1, min(n_blocks, int((programs_per_sm or per_sm) * _num_sms(dev)) // (B * row_blocks)))
+        blocks_per_split = triton.cdiv(n_blocks, num_splits)
+        num_splits = triton.cdiv(n_blocks, blocks_per_split)
+        single = num_splits == 1
+        part = out.view(B, 1, n_rows, E) if single else \
+            torch.empty(B, num_splits, n_rows, E, device=dev, dtype=torch.float32)
+        lse = torch.empty(B, num_splits, n_rows, device=dev, dtype=torch.float32)
+        seq = seqlens if seqlens is not None else lse  # a dummy pointer when HAS_SEQLENS is False
+        _flashtpa_decode_kernel[(num_splits, row_blocks, B)](
+            aq, bq, ak, bk, av, bv, seq, part, lse,
+            *aq.stride(), *bq.stride(), *ak.stride(), *bk.stride(), *av.stride(), *bv.stride(),
+            part.stride(0), part.stride(1), part.stride(2), part.stride(3), lse.stride(0), lse.stride(1),
+            N, M, blocks_per_split, scale * math.log2(math.e) / (Rq * Rk), H,
+            RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
+            BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D),
+            BLOCK_E=triton.next_power_of_2(E), HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32,
+            PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot, PER_RANK=per_rank, A_ROWS=a_rows and per_rank,
+            HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
+            num_warps=num_warps or 4, num_stages=stages, **launch,
         )
+        if not single:
+            BLOCK_S = min(combine_block_s, triton.next_power_of_2(num_splits))
+            BLOCK_E = min(combine_block_e, triton.next_power_of_2(E))
+            _flashtpa_combine_kernel[(n_rows, triton.cdiv(E, BLOCK_E), B)](
+                part, lse, out, num_splits, part.stride(0), part.stride(1), part.stride(2),
+                lse.stride(0), lse.stride(1), out.stride(0), E, E=E, BLOCK_S=BLOCK_S, BLOCK_E=BLOCK_E,
+                ONE_PASS=BLOCK_S >= num_splits, PDL=pdl, num_warps=4 if BLOCK_S * BLOCK_E >= 4096 else 2, **launch,
+            )
+
+    try:
+        run(BLOCK_M, num_stages or stages, prefetch, a_dot, num_splits)
+    except OutOfResources as e:  # a GPU with less shared memory than these tiles need (scripts/check_targets.py:
+        # none of the common ones); the smallest tiles, unpipelined, fit every GPU Triton supports
+        if str(dev) not in _SMALL_TILES_WARNED:
+            _SMALL_TILES_WARNED.add(str(dev))
+            warnings.warn(f"FlashTPA: {e}; this GPU runs the kernel with the smallest tiles (slower)", stacklevel=2)
+        run(16, 1, False, False, num_splits)
     return out
 
 

@@ -57,6 +57,41 @@ def test_kernel_matches_reference(case, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("case", [(2, 1, 300, 34, (6, 2, 2), 64, 64, True), (1, 1, 339, 34, (16, 1, 1), 64, 64, False)],
+                         ids=["rank2", "rank1"])
+def test_a_gpu_with_less_shared_memory_gets_the_smallest_tiles(case, monkeypatch):
+    """A launch that needs more shared memory than the GPU has (Triton's OutOfResources at the first launch) runs
+    again with the smallest tiles, unpipelined, with one warning; the result is the reference's."""
+    import warnings
+
+    import kernels.flashtpa as F
+    from triton.runtime.errors import OutOfResources
+    real, blocks = F._flashtpa_decode_kernel, []
+
+    class SmallGPU:  # 16-position blocks without pipelining fit; anything larger does not
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                blocks.append((kw["BLOCK_M"], kw["num_stages"]))
+                if kw["BLOCK_M"] > 16 or kw["num_stages"] > 1:
+                    raise OutOfResources(kw["BLOCK_M"] * 3072, 48 * 1024, "shared memory")
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(F, "_flashtpa_decode_kernel", SmallGPU())
+    monkeypatch.setattr(F, "_SMALL_TILES_WARNED", set())
+    B, N, M, H, (Rq, Rk, Rv), D, E, ragged = case
+    t = factors(B, N, M, H, Rq, Rk, Rv, D, E)
+    seqlens = torch.tensor([M - 37 * i for i in range(B)]) if ragged else None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        check(t, seqlens, torch.float16, atol=1e-4)
+        check(t, seqlens, torch.float16, atol=1e-4)
+    assert blocks[0] != (16, 1) and blocks[1] == (16, 1) and blocks[-1] == (16, 1)
+    assert [str(w.message) for w in caught if "smallest tiles" in str(w.message)] == [
+        f"FlashTPA: {OutOfResources(blocks[0][0] * 3072, 48 * 1024, 'shared memory')}; this GPU runs the kernel "
+        "with the smallest tiles (slower)"]
+
+
+@needs_triton
 def test_any_strides_and_splits():
     B, N, M, H, Rq, Rk, Rv, D = 2, 2, 150, 12, 4, 2, 2, 64
     t = factors(B, N, M, H, Rq, Rk, Rv, D, D, seed=3)
