@@ -164,6 +164,23 @@ def test_evaluations_after_training(data_dir, tmp_path, monkeypatch):
     assert len(launches(os.path.join(out, "tpa_s1"))) == 1
 
 
+def test_sweep_launches_runs_with_torchrun(data_dir, tmp_path):
+    """--nproc=2: each run is a 2-process torchrun (gloo on CPU) and logs the losses of the 1-process run with the
+    same global batch; the report shows the world size (what a multi-GPU sweep does, checked on the CPU)."""
+    out = str(tmp_path / "sweep")
+    sweep(out, data_dir, "--only=tpa_s1", "--nproc=2", "--gradient_accumulation_steps=2")
+    one = str(tmp_path / "one")
+    sweep(one, data_dir, "--only=tpa_s1", "--gradient_accumulation_steps=2")
+    run, ref = os.path.join(out, "tpa_s1"), os.path.join(one, "tpa_s1")
+    assert "torch.distributed.run" in launches(run)[0] and "--nproc_per_node=2" in launches(run)[0]
+    assert json.load(open(os.path.join(run, "header.json")))["world_size"] == 2
+    for key in ("loss", "val_loss"):
+        got, want = records(run, key), records(ref, key)
+        assert [r["iter"] for r in got] == [r["iter"] for r in want]
+        assert np.allclose([r[key] for r in got], [r[key] for r in want], rtol=0, atol=2e-6)
+    assert "2 x " in open(os.path.join(out, "report", "report.md")).read()
+
+
 def test_sweep_refuses_bad_settings_before_training(full_sweep, data_dir, tmp_path):
     out = str(tmp_path / "sweep")
     cases = [(["--max_tokens=1000"], "set exactly one budget"),
