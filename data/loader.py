@@ -89,8 +89,10 @@ class TrainLoader:
 
     def _to_device(self, buf):
         t = torch.from_numpy(buf)
-        if self.device != "cpu" and torch.device(self.device).type == "cuda":
+        if torch.device(self.device).type == "cuda":
             t = t.pin_memory().to(self.device, non_blocking=True)
+        else:  # the CPU (a no-op), or another device (mps)
+            t = t.to(self.device)
         return t[:, :-1], t[:, 1:]
 
 
@@ -128,4 +130,6 @@ class ValSet:
             t = torch.from_numpy(self.data[idx].astype(np.int64))
             if torch.device(device).type == "cuda":
                 t = t.pin_memory().to(device, non_blocking=True)
+            else:
+                t = t.to(device)
             yield t[:, :-1], t[:, 1:]

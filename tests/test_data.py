@@ -401,3 +401,15 @@ def test_shard_header_layout(tmp_path):
     assert np.frombuffer(raw[:12], "<i4").tolist() == [20240520, 1, 3] and len(raw) == HEADER_BYTES + 6
     assert np.frombuffer(raw[HEADER_BYTES:], "<u2").tolist() == [1, 2, 65535]
     assert not os.path.exists(path + ".tmp")
+
+
+def test_batches_land_on_the_requested_device(tmp_path):
+    """Training and validation batches go to the run's device whatever its kind (not only CUDA): "meta" stands in
+    for MPS here, where a batch left on the CPU would meet the model's weights on another device."""
+    root = make_shards(tmp_path, [8 * 10 + 1])
+    make_shards(tmp_path, [100], split="val")
+    x, y = TrainLoader(root, 3, 8, device="meta").next_batch()
+    assert x.device.type == y.device.type == "meta" and x.shape == (3, 8)
+    val = ValSet(root, 8, 40)
+    assert all(x.device.type == "meta" for x, _ in val.batches(2, device="meta"))
+    assert all(x.device.type == "cpu" for x, _ in val.batches(2))
