@@ -1,7 +1,7 @@
 """
 Whether every Triton kernel config the dispatch can pick fits the GPUs users have; runs on a CPU, no GPU needed.
 
-    python -m scripts.check_targets                     # the table: every kernel config x sm_80, 86, 89, 90
+    python -m scripts.check_targets                     # the table: every kernel config x sm_70 ... sm_90
     python -m scripts.check_targets --out=benchmarks/targets.json
 
 The kernels' own dispatch code runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1) for the shapes
@@ -28,7 +28,7 @@ import torch
 import triton
 
 # per-block shared memory (opt-in maximum) and registers per SM, from the CUDA programming guide's tables
-TARGETS = {80: ("A100", 166912, 65536), 86: ("RTX 3090 / A10", 101376, 65536),
+TARGETS = {70: ("V100", 98304, 65536), 75: ("T4 / RTX 20xx", 65536, 65536), 80: ("A100", 166912, 65536), 86: ("RTX 3090 / A10", 101376, 65536),
            89: ("RTX 4090 / L4 / L40S", 101376, 65536), 90: ("H100 / H200", 232448, 65536)}
 OPTION_KEYS = ("num_warps", "num_stages", "launch_pdl")
 
@@ -166,7 +166,7 @@ def describe(launch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="", help="also write the rows as JSON to this file")
-    parser.add_argument("--targets", default="80,86,89,90", help="compute capabilities")
+    parser.add_argument("--targets", default="70,75,80,86,89,90", help="compute capabilities")
     parser.add_argument("--launches", default="", help=argparse.SUPPRESS)  # phase 2, in a process of its own
     args = parser.parse_args()
     targets = [int(t) for t in args.targets.split(",")]
@@ -188,8 +188,14 @@ def main():
     for (name, desc), launch in sorted(configs.items(), key=lambda kv: kv[0]):
         row = dict(kernel=name, config=desc)
         for cc in targets:
-            r = compile_for(launch, cc)
-            r["fits"] = fits(r, cc)
+            if cc < 80 and "bfloat16" in desc:  # no bf16 before Ampere: those GPUs train and decode in fp16
+                row[f"sm_{cc}"] = None
+                continue
+            try:
+                r = compile_for(launch, cc)
+            except Exception as e:  # noqa: BLE001  (a config Triton cannot build for this target)
+                r = dict(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", shared=0, regs=0, warps=0)
+            r["fits"] = "error" not in r and fits(r, cc)
             row[f"sm_{cc}"] = r
             if not r["fits"]:
                 bad.append(f"{name} {desc} on sm_{cc}: {r}")
@@ -199,10 +205,11 @@ def main():
     print("| kernel | config | " + " | ".join(f"sm_{cc} ({TARGETS[cc][0]}) smem KB / regs" for cc in targets) + " |")
     print("|---|---|" + "---|" * len(targets))
     for row in rows:
-        cells = [f"{row[f'sm_{cc}']['shared'] / 1024:.1f} / {row[f'sm_{cc}']['regs']}"
+        cells = ["n/a (fp16 there)" if row[f"sm_{cc}"] is None else
+                 f"{row[f'sm_{cc}']['shared'] / 1024:.1f} / {row[f'sm_{cc}']['regs']}"
                  + ("" if row[f"sm_{cc}"]["fits"] else " **does not fit**") for cc in targets]
         print(f"| `{row['kernel']}` | {row['config']} | " + " | ".join(cells) + " |")
-    worst = {cc: max(r[f"sm_{cc}"]["shared"] for r in rows) for cc in targets}
+    worst = {cc: max(r[f"sm_{cc}"]["shared"] for r in rows if r[f"sm_{cc}"]) for cc in targets}
     print("largest shared memory per target: " + ", ".join(f"sm_{cc} {worst[cc] / 1024:.1f} KB (limit "
                                                             f"{TARGETS[cc][1] / 1024:.0f} KB)" for cc in targets))
     if args.out:
