@@ -17,6 +17,8 @@ block_size. Cache layouts and bytes: docs/DESIGN.md sec. 3.
 Shape legend: B batch, T new tokens, L max_len, M cache slots read (kv_len), V vocabulary.
 """
 
+import functools
+
 import torch
 
 from kernels import flashtpa_decode, linear_factors, linear_one_row, pick, write_rows
@@ -185,15 +187,11 @@ def decode_step(tok, cache):
     return cache.model(tok, cache=cache)[0][:, -1]
 
 
-_compiled = []
-
-
+@functools.cache
 def compiled_decode_step():
     """decode_step through torch.compile, built once (dynamic shapes: any batch size and cache length; dynamo
     specialises on the model, as it would on a method of it)."""
-    if not _compiled:
-        _compiled.append(torch.compile(decode_step, dynamic=True))
-    return _compiled[0]
+    return torch.compile(decode_step, dynamic=True)
 
 
 def fused_decode_ok(cache):
