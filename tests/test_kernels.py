@@ -185,7 +185,8 @@ def logit_controlled(M, logits, H=4, D=16):
 @needs_triton
 @pytest.mark.parametrize("gap", [50.0, 95.0, 200.0])
 def test_official_failure_cases(gap):
-    """Spec 6.2: LSE gaps > 90 between splits (min-LSE reduce), a whole block underflowing (0/0), ragged M."""
+    """docs/DESIGN.md sec. 3.2 and 7 (the released kernels' failures): LSE gaps > 90 between splits (min-LSE
+    reduce), a whole block underflowing (0/0), ragged M."""
     M = 100  # not a multiple of the 16-wide blocks
     logits = torch.zeros(M, dtype=torch.float64)
     logits[:40] = gap  # split 0 dominates split 1 by `gap`

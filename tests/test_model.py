@@ -257,7 +257,8 @@ def test_tpa_rope_on_b_equals_rope_on_qk(opts):
 
 @pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=["mha", "gqa", "mqa"])
 def test_gqa_family_is_constant_a_tpa(n_kv_head):
-    """Spec 1.6: MHA / GQA / MQA are TPA with constant one-hot / group-mask / all-ones A factors."""
+    """docs/DESIGN.md sec. 1.4 (paper Section 4): MHA / GQA / MQA are TPA with constant one-hot / group-mask /
+    all-ones A factors."""
     H, G = 4, n_kv_head
     attn = {4: "mha", 2: "gqa", 1: "mqa"}[G]
     gqa_model = randomize(tiny(attn, n_kv_head=G if attn == "gqa" else 0))
@@ -290,7 +291,7 @@ def test_tpa_materialized_qkv_by_hand():
 
 
 def test_tpa_init_bounds():
-    """Spec 1.8: the official 3-D-view Xavier bounds on T6-small; true 2-D Xavier as the option."""
+    """docs/DESIGN.md sec. 1.5: the official 3-D-view Xavier bounds on T6-small; true 2-D Xavier as the option."""
     for init, bounds in (("official", dict(aq=0.0353, ak=0.0612, bq=0.0110)),
                          ("xavier", dict(aq=math.sqrt(6 / (768 + 204)), ak=math.sqrt(6 / (768 + 68)),
                                          bq=math.sqrt(6 / (768 + 384))))):
