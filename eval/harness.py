@@ -16,11 +16,11 @@ contexts cut from the left to the block size), rolling loglikelihoods for perple
 through GPT.generate with the KV cache.
 """
 
-import argparse
 import json
 import os
 import sys
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -213,6 +213,7 @@ def write_samples(out_dir, shots, samples):
 
 
 def main(argv=None):
+    from common import check_dtype, resolve_device
     from configurator import configure
     out_dir = "out"  # the run folder (its newest checkpoint) or a ckpt_*.pt file; --ckpt_dir is the same
     tasks = "paper"  # 'paper' or comma-separated harness tasks / groups
@@ -230,22 +231,17 @@ def main(argv=None):
             raise ValueError(f"avg={cfg['avg']!r}: use 'paper' or 'all'")
         if cfg["limit"] is not None and not (isinstance(cfg["limit"], (int, float)) and cfg["limit"] > 0):
             raise ValueError(f"limit={cfg['limit']!r} must be a number > 0 (examples per task, or a fraction < 1)")
+        cfg["device"] = resolve_device(cfg["device"])[0]
+        check_dtype(cfg["dtype"])
     except ValueError as e:
         raise SystemExit(f"config error: {e}")
-    args = argparse.Namespace(**cfg)
-    args.num_fewshot = str(args.num_fewshot)
+    args = types.SimpleNamespace(**dict(cfg, num_fewshot=str(cfg["num_fewshot"])))
     import importlib.metadata
 
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
     from checkpoint import find_checkpoint
-    from common import check_dtype, resolve_device
-    try:
-        args.device = resolve_device(args.device)[0]
-        check_dtype(args.dtype)
-    except ValueError as e:
-        raise SystemExit(f"config error: {e}")
     tasks = list(PAPER_TASKS) if args.tasks == "paper" else args.tasks.split(",")
     try:
         ckpt_path = find_checkpoint(args.out_dir)
