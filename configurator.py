@@ -68,11 +68,11 @@ def help_text(config, frame, aliases):
     """The calling script's docstring, then every key with its default and the comment beside it in the defaults
     block (frame: the caller's, whose module top level or function holds the block)."""
     source, code = frame.f_code.co_filename, frame.f_code
-    lines = None
+    span = None  # the function's lines, when a function holds the defaults
     if code.co_name != "<module>":
-        lines = (code.co_firstlineno, max(line for _, _, line in code.co_lines() if line is not None))
-    comments = key_comments(source, lines) if os.path.isfile(source) else {}
-    if lines and not set(comments) & set(config):  # a function configuring module-level defaults
+        span = (code.co_firstlineno, max(line for _, _, line in code.co_lines() if line is not None))
+    comments = key_comments(source, span) if os.path.isfile(source) else {}
+    if span and not set(comments) & set(config):  # a function configuring module-level defaults
         comments = key_comments(source)
     doc = frame.f_globals.get("__doc__")
     width = min(40, max((len(f"{k} = {v!r}") for k, v in config.items()), default=0))
