@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from kernels.dispatch import pdl_supported
+from kernels.dispatch import PDL_OFF, pdl_supported
 from kernels.flashtpa import flashtpa_decode_triton
 from kernels.gemv import linear_one_row
 from engine import KVCache, compiled_decode_step, cuda_graph_step, decode_step, fused_decode_step
@@ -49,8 +49,9 @@ def main():
 
     pdl = pdl_supported(torch.device(dev))
     if not pdl and (flash_cases or gemv_cases):  # pdl=True launches plainly: part 1 would compare a launch with itself
-        print(f"skip FlashTPA pdl == plain: programmatic dependent launch is off here (TPA_PDL=0 or compute capability "
-              f"{torch.cuda.get_device_capability()[0]} < 9); the other checks run the plain launches", flush=True)
+        why = "TPA_PDL=0" if PDL_OFF else f"compute capability {torch.cuda.get_device_capability()[0]} < 9"
+        print(f"skip FlashTPA pdl == plain: programmatic dependent launch is off here ({why}); the other checks run "
+              f"the plain launches", flush=True)
         flash_cases = []
     for B, N, M, H, R, L in flash_cases:
         t = [torch.randn(*s, device=dev, dtype=torch.bfloat16) for s in
