@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from kernels import flashtpa_decode, linear_factors, linear_one_row, pick, write_rows
+from tpa_kernels import flashtpa_decode, linear_factors, linear_one_row, pick, write_rows
 
 
 # -----------------------------------------------------------------------------
@@ -150,7 +150,7 @@ class LayerCache:
 
     def write(self, **new):
         """new: name -> (B|1, T, ...) entries of the new tokens, stored at their positions (on CUDA all of a
-        layer's tensors in one kernel launch: kernels/cache_write.py)."""
+        layer's tensors in one kernel launch: tpa_kernels/cache_write.py)."""
         c = self.cache
         write_rows([self.tensors[name] for name in new], [t.expand(c.B, c.T, *t.shape[2:]) for t in new.values()], c.pos)
 
@@ -207,7 +207,7 @@ _identity = {}  # TPA-KVonly's query factor A = H * I per (H, device, dtype); bu
 
 def fused_decode_step(tok, cache):
     """decode_step for batch-1 T6 (and TPA-KVonly) as a chain of fused kernels, 6 per layer (the compiled step
-    runs ~12): RMSNorm + factor projection + RoPE + cache write (kernels/gemv.py's linear_factors), FlashTPA and
+    runs ~12): RMSNorm + factor projection + RoPE + cache write (tpa_kernels/gemv.py's linear_factors), FlashTPA and
     its combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
     residual. On a GPU of compute capability >= 9 every kernel uses programmatic dependent launch: it starts
     while the previous one finishes and loads its weights (or first cache block) before waiting for it.

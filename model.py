@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
-from kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_one_row,
+from tpa_kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_one_row,
                      pick, swiglu, tpa_materialize)
 
 
@@ -187,7 +187,7 @@ def rope_tables(dim, max_len, base, device=None):
 
 class Linear(nn.Linear):
     """nn.Linear without bias. A single row on CUDA without autograd or autocast (batch-1 decoding) takes the
-    Triton matrix-vector kernel (kernels/gemv.py): cuBLAS runs those at about a third of the bandwidth.
+    Triton matrix-vector kernel (tpa_kernels/gemv.py): cuBLAS runs those at about a third of the bandwidth.
 
     Several rows are multiplied with the feature counts padded by zeros to a multiple of `align`, and the output
     sliced back (its rows are then strided): cuBLAS's Hopper GEMMs (TMA / wgmma) need 16-byte aligned rows, and an
@@ -222,7 +222,7 @@ class MLP(nn.Module):
         self.c_proj = Linear(self.hidden, config.n_embd)
 
     def forward(self, x):
-        return self.c_proj(swiglu(self.c_fc(x)))  # silu(gate) * up; a Triton op on CUDA (kernels/mlp.py)
+        return self.c_proj(swiglu(self.c_fc(x)))  # silu(gate) * up; a Triton op on CUDA (tpa_kernels/mlp.py)
 
 
 class Attention(nn.Module):
@@ -410,7 +410,7 @@ class TPA(Attention):
     (R_K+R_V) H per token); tpa_shared_b uses K's unrotated B factor for V; tpa_order=3 writes
     B = b (x) c with b in R^db (rotated by a db-dimensional RoPE) and c in R^dc (App. C, Theorem C.1).
     The cache holds the contextual factors ("pieces": ak, bk, [ck,] av, bv, [cv]); decoding reassembles
-    A and B and calls FlashTPA (kernels/flashtpa.py) on CUDA, its PyTorch reference elsewhere.
+    A and B and calls FlashTPA (tpa_kernels/flashtpa.py) on CUDA, its PyTorch reference elsewhere.
     KVCache(position_minor=True) keeps the A factors position-minor ((B, H, R, L) storage), so that FlashTPA
     reads each rank's (heads, positions) tile in 16-byte rows whatever H * R is; faster for the kernel alone at
     2^18 positions, slower inside the Medium T6 decode step on an H100 (benchmarks/RESULTS.md): off by default.
@@ -494,7 +494,7 @@ class TPA(Attention):
 
     def materialize(self, a, b, n):
         """(1/R) A^T B per token: (B, T, H, R) x (B, T, R, D) -> (B, H, T, D), heads first for SDPA (so that
-        SDPA's heads-first gradients are not transposed again). On CUDA a Triton op (kernels/materialize.py)."""
+        SDPA's heads-first gradients are not transposed again). On CUDA a Triton op (tpa_kernels/materialize.py)."""
         return tpa_materialize(a, b, 1.0 / self.ranks[n], impl=None if self.materialize_kernel else "ref")
 
     def forward(self, x, rope, cache=None):
@@ -614,7 +614,7 @@ class GPT(nn.Module):
         With targets (B, T) (-1 = ignore): logits for every position and the mean cross-entropy;
         return_logits=False returns (None, loss), which is faster to differentiate (training and evaluation
         use it): a logits output of a compiled model makes its backward add a zero gradient of the logits' size;
-        with autograd on it also never keeps the logits (kernels.linear_cross_entropy: 1.6 GB less for Small's
+        with autograd on it also never keeps the logits (tpa_kernels.linear_cross_entropy: 1.6 GB less for Small's
         16 x 1024 micro-batch).
         Without: logits of the last position only (B, 1, V), or of every position with all_logits=True.
         pos (T,) or (B, T) overrides the positions 0..T-1. With a KVCache the tokens sit at positions
@@ -636,7 +636,7 @@ class GPT(nn.Module):
         x = rms_norm(x)
         if targets is not None:
             if not return_logits and torch.is_grad_enabled():  # training: the logits become their gradient as
-                # the loss reads them, and are never kept (kernels/cross_entropy.py)
+                # the loss reads them, and are never kept (tpa_kernels/cross_entropy.py)
                 return None, linear_cross_entropy(x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1))
             logits = self.lm_head(x)
             loss = cross_entropy_loss(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)

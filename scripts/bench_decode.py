@@ -29,7 +29,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
-from kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
+from tpa_kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
 
 DT = torch.bfloat16
 
@@ -184,7 +184,7 @@ def bench_case(method, B, H, M, D=64):
 
 
 def tune():
-    """Time the kernel's tile options on a few shapes (to set kernels.flashtpa._tiles)."""
+    """Time the kernel's tile options on a few shapes (to set tpa_kernels.flashtpa._tiles)."""
     shapes = [(1, 2 ** 18, 32, (16, 1, 1)), (16, 2 ** 16, 32, (16, 1, 1)), (16, 2 ** 16, 48, (16, 1, 1)),
               (1, 32768, 47, (6, 2, 2)), (16, 32768, 47, (6, 2, 2)), (1, 2 ** 18, 32, (6, 2, 2)), (1, 4096, 32, (16, 1, 1))]
     if os.environ.get("TUNE_SHAPES"):  # e.g. TUNE_SHAPES=0,1 for the first two

@@ -1,5 +1,5 @@
 """
-Batch-1 decoding's weight matmuls on a CUDA GPU: kernels/gemv.py's matrix-vector op against F.linear (cuBLAS),
+Batch-1 decoding's weight matmuls on a CUDA GPU: tpa_kernels/gemv.py's matrix-vector op against F.linear (cuBLAS),
 for every distinct weight shape of a model (default: Medium T6), bf16, inside CUDA graphs. Bandwidth is the
 weight's bytes over the time, with the device-to-device copy bandwidth measured in the same run.
 
@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
-from kernels import linear_one_row
+from tpa_kernels import linear_one_row
 from model import GPT, model_config
 
 

@@ -1,9 +1,9 @@
 """
 The training kernels on a CUDA GPU, each against its torch.compile'd PyTorch reference, forward and forward +
 backward, at Small's shapes (micro-batch 16 x 1024, bf16):
-  - TPA materialisation (kernels/materialize.py), H = 34, D = 64, R = 6 (T6's Q) and 2 (K, V);
-  - RoPE (kernels/rope.py) of MHA's q: a strided slice of the fused projection, H = 12, D = 64;
-  - cross-entropy (kernels/cross_entropy.py) over the 50304-token vocabulary.
+  - TPA materialisation (tpa_kernels/materialize.py), H = 34, D = 64, R = 6 (T6's Q) and 2 (K, V);
+  - RoPE (tpa_kernels/rope.py) of MHA's q: a strided slice of the fused projection, H = 12, D = 64;
+  - cross-entropy (tpa_kernels/cross_entropy.py) over the 50304-token vocabulary.
 
     python -m scripts.bench_train_kernels [--out=benchmarks/train_kernels.jsonl]
 
@@ -18,7 +18,7 @@ import json
 import torch
 from triton.testing import do_bench_cudagraph
 
-from kernels import apply_rope, cross_entropy_loss, tpa_materialize
+from tpa_kernels import apply_rope, cross_entropy_loss, tpa_materialize
 from model import rope_tables
 
 

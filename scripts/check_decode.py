@@ -20,9 +20,9 @@ import sys
 
 import torch
 
-from kernels.dispatch import PDL_OFF, pdl_supported
-from kernels.flashtpa import flashtpa_decode_triton
-from kernels.gemv import linear_one_row
+from tpa_kernels.dispatch import PDL_OFF, pdl_supported
+from tpa_kernels.flashtpa import flashtpa_decode_triton
+from tpa_kernels.gemv import linear_one_row
 from engine import KVCache, compiled_decode_step, cuda_graph_step, decode_step, fused_decode_step
 from model import GPT, model_config
 

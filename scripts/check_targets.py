@@ -70,15 +70,15 @@ def _value(a):
 def drive():
     """Run the ops through their dispatch for every model shape; launches are recorded."""
     import engine
-    import kernels
+    import tpa_kernels
     import model as model_module
     from engine import KVCache, fused_decode_step
     from model import GPT, model_config
 
     def always(t, fits=True):  # the dispatch as on a GPU: CPU tensors take the kernels where they fit
         return "triton" if fits else "ref"
-    for mod in (model_module, engine, kernels.gemv, kernels.flashtpa, kernels.materialize, kernels.rope,
-                kernels.cross_entropy, kernels.mlp, kernels.cache_write):
+    for mod in (model_module, engine, tpa_kernels.gemv, tpa_kernels.flashtpa, tpa_kernels.materialize, tpa_kernels.rope,
+                tpa_kernels.cross_entropy, tpa_kernels.mlp, tpa_kernels.cache_write):
         if hasattr(mod, "pick"):
             mod.pick = always
     torch.manual_seed(0)

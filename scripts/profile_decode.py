@@ -23,16 +23,16 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import kernels.flashtpa
+import tpa_kernels.flashtpa
 import engine
 from engine import KVCache, compiled_decode_step, cuda_graph_step, fused_decode_step
 from scripts.bench_decode import copy_bandwidth
 from scripts.bench_generate import build, time_decode
 
-GROUPS = [("matrix-vector (kernels/gemv.py)", ("_gemv_kernel", "_gemv_factors_kernel")),
+GROUPS = [("matrix-vector (tpa_kernels/gemv.py)", ("_gemv_kernel", "_gemv_factors_kernel")),
           ("FlashTPA", ("_flashtpa_decode_kernel",)),
           ("FlashTPA combine", ("_flashtpa_combine_kernel",)),
-          ("cache write (kernels/cache_write.py)", ("_write_rows_kernel",)),
+          ("cache write (tpa_kernels/cache_write.py)", ("_write_rows_kernel",)),
           ("cuBLAS", ("gemm", "gemv2", "gemvx", "splitk")), ("SDPA", ("flash", "fmha", "attention"))]
 
 
@@ -91,20 +91,20 @@ class _NotLaunched:
 def ablate(model, context):
     bw = copy_bandwidth()
     weights = model.num_params() * model.lm_head.weight.element_size()
-    combine, attention = kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode
+    combine, attention = tpa_kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode
     empty = lambda aq, bq, ak, bk, av, bv, **kwargs: aq.new_empty(*aq.shape[:3], bv.shape[-1])
     rows = []
     try:
         for name, comb, attn in [("whole step", combine, attention), ("FlashTPA's combine not launched", _NotLaunched(),
                                  attention), ("attention left out (matrix-vector chain)", combine, empty)]:
-            kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode = comb, attn
+            tpa_kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode = comb, attn
             res = time_decode(model, 1, context, "fused graph")
             if res is None:
                 raise SystemExit("--ablate times the fused batch-1 step: --attn=tpa or tpa_kvonly")
             ms, cache_bytes = res
             rows.append((name, ms))
     finally:
-        kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode = combine, attention
+        tpa_kernels.flashtpa._flashtpa_combine_kernel, engine.flashtpa_decode = combine, attention
     print(f"{torch.cuda.get_device_name()}: fused batch-1 step, context {context}, copy {bw / 1e9:.0f} GB/s; bounds: "
           f"weights {weights / bw * 1e3:.3f} ms, weights + cache {(weights + cache_bytes) / bw * 1e3:.3f} ms")
     print("| step | ms |\n|---|---|")

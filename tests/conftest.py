@@ -11,7 +11,8 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread per pytest-xdist worker (the README runs one worker per core: more threads would only contend)
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else min(2, torch.get_num_threads()))
 if not torch.cuda.is_available():  # run Triton kernels in the interpreter (set before triton is imported)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -1,10 +1,10 @@
-"""The decode-cache write (kernels/cache_write.py): the Triton op (interpreter on CPU) against the index_put
+"""The decode-cache write (tpa_kernels/cache_write.py): the Triton op (interpreter on CPU) against the index_put
 reference, bit for bit; its dispatch and errors; and the op's registration for torch.compile."""
 
 import pytest
 import torch
 
-from kernels.cache_write import HAS_TRITON, feature_stride, write_rows
+from tpa_kernels.cache_write import HAS_TRITON, feature_stride, write_rows
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

@@ -60,6 +60,26 @@ def test_hf_export_equals_the_model(attn, opts, tmp_path):
             assert cache.get_seq_length() == 7
 
 
+def test_command_line_export_loads_from_the_repository_root(tmp_path):
+    """As a user runs it: `python -m scripts.convert --to=hf` from the repository root, then transformers'
+    `from_pretrained(..., trust_remote_code=True)` in a process started there (the root first on sys.path, where a
+    folder of ours named like a transformers dependency would hide it)."""
+    model = tiny_model("tpa")
+    run, out = write_run(model, str(tmp_path / "run")), str(tmp_path / "hf")
+    p = subprocess.run([sys.executable, "-m", "scripts.convert", "--to=hf", run, out], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env=child_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    x = [[1, 2, 3, 4, 5]]
+    load = ("import sys, torch, transformers; m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], "
+            "trust_remote_code=True).eval(); print(m(torch.tensor(%s)).logits[0, -1, :4].tolist())" % x)
+    p = subprocess.run([sys.executable, "-c", load, out], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=child_env())
+    assert p.returncode == 0, p.stderr[-3000:]
+    with torch.no_grad():
+        want = model(torch.tensor(x), all_logits=True)[0][0, -1, :4]
+    torch.testing.assert_close(torch.tensor(json.loads(p.stdout.strip().splitlines()[-1])), want, rtol=1e-5, atol=1e-5)
+
+
 def convert_cache_field(out):
     return "cache" if "cache" in out.__dataclass_fields__ else "past_key_values"
 

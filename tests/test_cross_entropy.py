@@ -1,9 +1,9 @@
-"""The cross-entropy op (kernels/cross_entropy.py): Triton forward/backward (interpreter on CPU) against fp64."""
+"""The cross-entropy op (tpa_kernels/cross_entropy.py): Triton forward/backward (interpreter on CPU) against fp64."""
 
 import pytest
 import torch
 
-from kernels.cross_entropy import HAS_TRITON, cross_entropy_loss, linear_cross_entropy
+from tpa_kernels.cross_entropy import HAS_TRITON, cross_entropy_loss, linear_cross_entropy
 from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -1,4 +1,4 @@
-"""The one kernel dispatch (kernels/dispatch.py): its switches and its warning, checked in fresh processes (the
+"""The one kernel dispatch (tpa_kernels/dispatch.py): its switches and its warning, checked in fresh processes (the
 switches are read when the kernels are imported) with a stand-in CUDA device."""
 
 import json
@@ -19,7 +19,7 @@ if sys.argv[1] == "old_triton":                     # a Triton without the launc
     sys.modules["triton.language.extra.cuda"] = extra.cuda = old
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from kernels import dispatch
+    from tpa_kernels import dispatch
 cuda_tensor = types.SimpleNamespace(is_cuda=True)
 print(json.dumps(dict(kernels=dispatch.KERNELS, defined=dispatch.HAS_TRITON, pick=dispatch.pick(cuda_tensor),
                       pick_misfit=dispatch.pick(cuda_tensor, fits=False), pick_cpu=dispatch.pick(torch.zeros(1)),

@@ -1,10 +1,10 @@
-"""The batch-1 matrix-vector op (kernels/gemv.py): Triton (interpreter on CPU) against fp64, and its dispatch."""
+"""The batch-1 matrix-vector op (tpa_kernels/gemv.py): Triton (interpreter on CPU) against fp64, and its dispatch."""
 
 import pytest
 import torch
 
-from kernels.gemv import HAS_TRITON, linear_factors, linear_one_row
-from kernels.rope import apply_rope_ref
+from tpa_kernels.gemv import HAS_TRITON, linear_factors, linear_one_row
+from tpa_kernels.rope import apply_rope_ref
 from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

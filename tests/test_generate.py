@@ -10,7 +10,7 @@ import torch
 
 from conftest import ROOT, child_env
 from data.shards import write_shard
-from kernels import HAS_TRITON
+from tpa_kernels import HAS_TRITON
 from engine import KVCache, decode_step, fused_decode_ok, fused_decode_step, sample_logits
 from model import GPT, model_config
 from test_model import IDS, V, VARIANTS, randomize, tiny
@@ -22,8 +22,8 @@ def _interpreter_gemv_tiles(monkeypatch):
     matrix-vector kernels with 16 rows per program (8x fewer programs than the GPU's 2 or 4, the same kernel code);
     tests/test_gemv.py checks those kernels with the GPU's tiles."""
     if not torch.cuda.is_available():
-        import kernels.gemv
-        monkeypatch.setattr(kernels.gemv, "TILES", {False: (16, 4), True: (16, 4)})
+        import tpa_kernels.gemv
+        monkeypatch.setattr(tpa_kernels.gemv, "TILES", {False: (16, 4), True: (16, 4)})
 
 
 def full_vs_cached_logits(model, seq, prefill, **cache_opts):

@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from kernels import flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
-from kernels.flashtpa import HAS_TRITON, flashtpa_decode_triton
+from tpa_kernels import flashtpa_decode, flashtpa_decode_einsum, flashtpa_decode_ref
+from tpa_kernels.flashtpa import HAS_TRITON, flashtpa_decode_triton
 from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -64,7 +64,7 @@ def test_a_gpu_with_less_shared_memory_gets_the_smallest_tiles(case, monkeypatch
     again with the smallest tiles, unpipelined, with one warning; the result is the reference's."""
     import warnings
 
-    import kernels.flashtpa as F
+    import tpa_kernels.flashtpa as F
     from triton.runtime.errors import OutOfResources
     real, blocks = F._flashtpa_decode_kernel, []
 
@@ -155,7 +155,7 @@ def test_position_minor_cache_heuristics():
 def test_rank1_tiles_per_batch():
     """Rank-1 K/V with <= 32 rows: 1 program per SM for one sequence, 2 for several (split count follows); a batch
     through those default tiles, ragged lengths, matches the reference."""
-    from kernels.flashtpa import _tiles
+    from tpa_kernels.flashtpa import _tiles
     assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=1)[4] == 1
     assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=16)[4] == 2
     t = factors(3, 1, 300, 16, 16, 1, 1, 32, 32, seed=3)  # 16 rows per sequence

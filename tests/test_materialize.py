@@ -1,9 +1,9 @@
-"""The TPA materialisation op (kernels/materialize.py): Triton forward/backward (interpreter on CPU) against fp64."""
+"""The TPA materialisation op (tpa_kernels/materialize.py): Triton forward/backward (interpreter on CPU) against fp64."""
 
 import pytest
 import torch
 
-from kernels.materialize import HAS_TRITON, tpa_materialize
+from tpa_kernels.materialize import HAS_TRITON, tpa_materialize
 from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -1,10 +1,10 @@
-"""SwiGLU's gate op (kernels/mlp.py): Triton forward/backward (interpreter on CPU) against the PyTorch reference,
+"""SwiGLU's gate op (tpa_kernels/mlp.py): Triton forward/backward (interpreter on CPU) against the PyTorch reference,
 and the model's MLP going through it."""
 
 import pytest
 import torch
 
-from kernels.mlp import HAS_TRITON, swiglu, swiglu_ref
+from tpa_kernels.mlp import HAS_TRITON, swiglu, swiglu_ref
 from conftest import assert_close_to_reference
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
@@ -70,7 +70,7 @@ def test_custom_op_registration():
 
 @pytest.mark.parametrize("impl", ["ref", "triton"])
 def test_model_mlp_uses_the_op(impl, monkeypatch):
-    """Every Block's MLP computes its gate through kernels.swiglu: with the kernel (interpreter on CPU) the model's
+    """Every Block's MLP computes its gate through tpa_kernels.swiglu: with the kernel (interpreter on CPU) the model's
     loss and every parameter gradient equal those of the plain PyTorch gate."""
     if impl == "triton":
         pytest.importorskip("triton")

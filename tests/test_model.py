@@ -55,12 +55,12 @@ def test_forward_backward(attn, opts):
 
 @pytest.mark.parametrize("impl", ["ref", "triton"])
 def test_training_loss_path(impl, monkeypatch):
-    """Training's call (return_logits=False, autograd on) goes through kernels.linear_cross_entropy (the logits
+    """Training's call (return_logits=False, autograd on) goes through tpa_kernels.linear_cross_entropy (the logits
     never kept; "triton": the kernel, in the interpreter on CPU): the same loss and gradients as the logits path."""
     if impl == "triton":
         pytest.importorskip("triton")
     import model as model_module
-    from kernels import linear_cross_entropy
+    from tpa_kernels import linear_cross_entropy
     calls = []
 
     def spy(*args, **kwargs):

@@ -1,9 +1,9 @@
-"""The RoPE op (kernels/rope.py): Triton forward/backward (interpreter on CPU) against the PyTorch reference."""
+"""The RoPE op (tpa_kernels/rope.py): Triton forward/backward (interpreter on CPU) against the PyTorch reference."""
 
 import pytest
 import torch
 
-from kernels.rope import HAS_TRITON, apply_rope, apply_rope_ref
+from tpa_kernels.rope import HAS_TRITON, apply_rope, apply_rope_ref
 from model import rope_tables
 from conftest import assert_close_to_reference
 

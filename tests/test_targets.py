@@ -27,7 +27,7 @@ import json, torch
 torch.cuda.is_available = lambda: True  # the kernels are defined (compiled here for other GPUs, never launched)
 from scripts import check_targets
 t = {"tensor": "float32", "aligned": True}
-launch = dict(module="kernels.flashtpa", name="_flashtpa_combine_kernel",
+launch = dict(module="tpa_kernels.flashtpa", name="_flashtpa_combine_kernel",
               args=[t, t, {"tensor": "bfloat16", "aligned": True}, 8, 256, 64, 4, 8, 4, 64, 64],
               kwargs=dict(E=64, BLOCK_S=8, BLOCK_E=32, ONE_PASS=True, PDL=True, num_warps=2, launch_pdl=True))
 print(json.dumps({cc: check_targets.compile_for(launch, cc) for cc in (80, 90)}))

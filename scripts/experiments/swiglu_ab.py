@@ -1,5 +1,5 @@
 """
-A/B of SwiGLU's gate in the compiled training step (GPU): kernels.swiglu (the model's) against the plain PyTorch gate
+A/B of SwiGLU's gate in the compiled training step (GPU): tpa_kernels.swiglu (the model's) against the plain PyTorch gate
 that torch.compile fuses itself, for Small T6 and Small MHA, in one process; the step and the numbers of
 scripts/profile_train.py. The FX-graph and AOT caches are turned off so that every variant compiles.
 
@@ -12,7 +12,7 @@ import torch._inductor.config as inductor_config
 
 import model
 import scripts.profile_train as pt
-from kernels.mlp import swiglu, swiglu_ref
+from tpa_kernels.mlp import swiglu, swiglu_ref
 
 inductor_config.fx_graph_cache = False
 functorch_config.enable_autograd_cache = False
@@ -30,14 +30,14 @@ def main():
         print(f"{dt}: relative error h {((h.double() - h64).norm() / h64.norm()).item():.2e}, "
               f"dgu {((gu.grad.double() - g64.grad).norm() / g64.grad.norm()).item():.2e}")
     rows = []
-    for attn, name, gate in [("tpa", "compiled gate", swiglu_ref), ("tpa", "kernels.swiglu", swiglu),
-                             ("mha", "compiled gate", swiglu_ref), ("mha", "kernels.swiglu", swiglu),
+    for attn, name, gate in [("tpa", "compiled gate", swiglu_ref), ("tpa", "tpa_kernels.swiglu", swiglu),
+                             ("mha", "compiled gate", swiglu_ref), ("mha", "tpa_kernels.swiglu", swiglu),
                              ("tpa", "compiled gate (again)", swiglu_ref)]:
         model.swiglu = gate  # MLP.forward looks the name up at call time
         torch._dynamo.reset()
         r = pt.measure("small", attn, 16, 1024, None, 10)
         rows.append(f"| {attn} | {name} | {r['wall']:.2f} | {100 * r['mfu']:.1f}% | {r['mem_gib']:.2f} | "
-                    f"{r['groups'].get('SwiGLU (kernels/mlp.py)', 0):.3f} |")
+                    f"{r['groups'].get('SwiGLU (tpa_kernels/mlp.py)', 0):.3f} |")
         print(rows[-1], flush=True)
     print(f"\n{torch.cuda.get_device_name()}, micro-batch 16 x 1024, compiled, bf16")
     print("| attn | gate | ms / step | MFU | peak GiB | SwiGLU op ms |\n|---|---|---|---|---|---|")

@@ -51,7 +51,7 @@ from typing import Optional
 
 import torch
 
-from kernels.dispatch import HAS_TRITON, pdl_supported, pick
+from tpa_kernels.dispatch import HAS_TRITON, pdl_supported, pick
 
 if HAS_TRITON:
     import triton

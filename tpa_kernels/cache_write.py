@@ -15,7 +15,7 @@ from typing import List
 
 import torch
 
-from kernels.dispatch import HAS_TRITON, pick
+from tpa_kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton

@@ -16,7 +16,7 @@ the strides, so the remaining concatenation is a plain copy.
 
 import torch
 
-from kernels.dispatch import HAS_TRITON, pick
+from tpa_kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton

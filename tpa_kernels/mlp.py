@@ -14,7 +14,7 @@ choices").
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import HAS_TRITON, pick
+from tpa_kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton

@@ -22,7 +22,7 @@ gradient), for Small models a tenth of a training step.
 import torch
 import torch.nn.functional as F
 
-from kernels.dispatch import HAS_TRITON, pick
+from tpa_kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton

@@ -14,7 +14,7 @@ and the per-token products are batched matmuls on the tensor cores.
 
 import torch
 
-from kernels.dispatch import HAS_TRITON, pick
+from tpa_kernels.dispatch import HAS_TRITON, pick
 
 if HAS_TRITON:
     import triton

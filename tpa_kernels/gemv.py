@@ -36,9 +36,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from kernels.cache_write import feature_stride
+from tpa_kernels.cache_write import feature_stride
 
-from kernels.dispatch import HAS_TRITON, pdl_supported, pick
+from tpa_kernels.dispatch import HAS_TRITON, pdl_supported, pick
 
 if HAS_TRITON:
     import triton
