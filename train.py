@@ -58,6 +58,8 @@ wandb_log = False
 wandb_project = "tpa"
 wandb_run_name = ""  # default: out_dir's name
 variant = ""  # the run's name in comparisons (scripts/compare.py groups seeds by it; scripts/sweep.py sets it)
+budget = ""  # what the run's length equals across variants, as a label for comparisons ("tokens=2e+07", "flops=...",
+# "seconds=..."; scripts/sweep.py sets it): scripts/compare.py reports each budget apart
 # data
 data_dir = "data/fineweb-edu-100B"
 gradient_accumulation_steps = 16  # global over all ranks: global batch = batch_size x this x block_size
@@ -182,7 +184,8 @@ else:
 if dry_run:
     with torch.device("meta"):
         model = GPT(mconf)
-    print(json.dumps(dict(config=config, model=asdict(mconf)), indent=1))
+    print(json.dumps(dict(config=config, model=asdict(mconf), params=model.num_params(), tokens_per_iter=tokens_per_iter,
+                          flops_per_token=model.flops_per_token(block_size)), indent=1))
     print(f"parameters: {model.num_params():,} | KV cache per token: {model.kv_cache_elems_per_token():,} elements | "
           f"training FLOPs per token: {model.flops_per_token(block_size):,} | tokens per iteration: {tokens_per_iter:,}")
     sys.exit(0)
@@ -404,8 +407,10 @@ def flush_stats():
     # steps a resumed checkpoint carried are already reduced: the record equals an uninterrupted run's
     stats = torch.cat([torch.tensor(carried, dtype=torch.float32).view(-1, 2), reduce_stats(losses)])
     check_finite(stats, iter_num)
-    record = dict(iter=iter_num, loss=stats[-1, 0].item(), loss_avg=stats[:, 0].mean().item(), lr=lr,
-                  grad_norm=stats[-1, 1].item(), tokens=tokens_seen)
+    # the window's largest loss and gradient norm too: a spike between two log lines is not missed (compare.py)
+    record = dict(iter=iter_num, loss=stats[-1, 0].item(), loss_avg=stats[:, 0].mean().item(),
+                  loss_max=stats[:, 0].max().item(), lr=lr, grad_norm=stats[-1, 1].item(),
+                  grad_norm_max=stats[:, 1].max().item(), tokens=tokens_seen)
     line = (f"iter {iter_num}/{max_iters} | loss {record['loss']:.4f} | lr {lr:.2e} | "
             f"grad {record['grad_norm']:.3f}")
     if steps_timed > 0:  # the first step (compilation) is not timed

@@ -14,20 +14,10 @@ Validation (ValSet): the first N tokens of the val split cut into windows of blo
 (stride block_size): the same tokens for any batch size or world size.
 """
 
-import glob
-import os
-
 import numpy as np
 import torch
 
-from data.shards import check_ids, open_shard, read_header
-
-def find_shards(data_dir, split):
-    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin")))
-    if not paths:
-        raise FileNotFoundError(f"no *_{split}_NNNNNN.bin shards in {data_dir!r}; prepare data first, "
-                                f"e.g. python data/prepare.py shakespeare --out_dir={data_dir}")
-    return paths
+from data.shards import check_ids, find_shards, open_shard, read_header
 
 
 class TrainLoader:

@@ -3,12 +3,22 @@ llm.c token shards: a header of 256 int32 (magic 20240520, version 1, token coun
 followed by the tokens as little-endian uint16. Numpy only, so that data/prepare.py's workers stay light.
 """
 
+import glob
 import os
 
 import numpy as np
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 HEADER_BYTES = HEADER_INTS * 4
+
+
+def find_shards(data_dir, split):
+    """The split's shard paths in order; FileNotFoundError (saying how to make them) if there are none."""
+    paths = sorted(glob.glob(os.path.join(data_dir, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin")))
+    if not paths:
+        raise FileNotFoundError(f"no *_{split}_NNNNNN.bin shards in {data_dir!r}; prepare data first, "
+                                f"e.g. python data/prepare.py shakespeare --out_dir={data_dir}")
+    return paths
 
 
 def write_shard(path, tokens):

@@ -1,19 +1,38 @@
 """
-Compare training runs: a table per variant with the mean and spread over seeds, plots, and how to reproduce them.
+Compare training runs: each variant at its best grid point (learning rate), with intervals and p-values against
+a reference, the LR sensitivity, instabilities, data efficiency, plots, and how to reproduce it all.
 
     python -m scripts.compare out/sweep_wiki                          # every run folder in it
-    python -m scripts.compare out/small_mha out/small_tpa --out=reports/small
+    python -m scripts.compare out/sweep_lr out/sweep_time --out=reports/wiki   # two budgets, one report
     python -m scripts.compare out/sweep/*_s1337 out/other/tpa_s1337 --group_by=attn --reference=mha
 
 Reads only each run's header.json and metrics.jsonl (train.py writes both), so runs made on other machines
-compare too: copy those two files per run. Runs are grouped by their variant (train.py's `variant`, which
-scripts/sweep.py sets; else the folder's name without its _s<seed> suffix) or by any config key. Writes
-DIR/report.md (default DIR: report/ beside the runs), DIR/summary.json and four plots: validation loss against
-tokens, against training time and against training FLOPs (mean over seeds, min-max band), and the training loss.
+compare too: copy those two files per run. Writes DIR/report.md (default DIR: report/ beside the runs),
+DIR/summary.json and the plots.
+
+- Budgets: runs are first split by their budget (train.py's `budget`, which scripts/sweep.py sets: equal
+  tokens, FLOPs or training time), and each budget gets its own section; runs without one form one section.
+- Groups and grid points: within a budget, runs are grouped by their variant (train.py's `variant`, else the
+  folder's name without its _s<seed> suffix) or by any config key; within a group, the settings that differ
+  between runs (a learning-rate grid, say) make its grid points, and the seeds of a point are its runs.
+- Best point: a group is reported at the point with the lowest mean final validation loss over its seeds (the
+  runs used are named). On a learning-rate axis, a best LR at the smallest or largest LR of the grid is flagged
+  ("widen the grid"), and the LR-sensitivity plot shows final loss against LR (log axis) with a quadratic in
+  log LR fitted per group and its optimum marked.
+- Differences to the reference group (both at their best points) are paired by seed where both ran the same
+  seeds (the same data order), else a difference of means (Welch); each has a 95% t-interval, a two-sided
+  p-value, "not significant" where p >= 0.05, and about how many seeds would give an interval that excludes
+  zero if the mean and spread stayed as observed.
+- Instability: a run is flagged where a log window's largest gradient norm exceeds SPIKE_GRAD times the median
+  of the earlier windows' (the first window, the initialisation's, only as history), or where the mean training
+  loss of a window rises more than SPIKE_LOSS above the previous window's; the flags are counted per group and
+  grid point.
+- Data efficiency: from the reference's mean validation curve (its best point), how many times the tokens (and
+  the FLOPs, and the training time) the reference needs to reach each group's final loss, against what the
+  group used; "> x" where the reference never reaches it.
 
 Training time is the sum of step times as train.py logs them: compilation, evaluation and checkpoints are not in
-it, so runs on the same device compare at equal compute time. Differences to the reference variant are paired
-by seed where both ran the same seeds (the same data order), else they are a difference of means.
+it, so runs on the same device compare at equal compute time.
 """
 
 import argparse
@@ -26,6 +45,12 @@ import statistics
 import time
 
 import numpy as np
+
+SPIKE_GRAD = 4.0  # a window's largest gradient norm above this many times the median of the earlier windows'
+SPIKE_LOSS = 0.1  # a window's mean training loss above the previous window's by more than this (nats)
+# config keys that follow another or the budget: not grid axes of their own
+DERIVED = ("max_iters", "lr_decay_iters", "budget")
+SHORT = dict(learning_rate="lr", min_lr="min_lr", warmup_iters="warmup", weight_decay="wd")
 
 # keys of the config that name a run rather than define it: left out of the settings tables
 RUN_KEYS = ("out_dir", "seed", "variant", "wandb_run_name", "init_from", "dry_run")
@@ -144,7 +169,107 @@ def summarize(run):
         peak_mem_gib=max(mems) if mems else None, device=f"{world} x {h.get('device', '?')}",
         git_commit=h.get("git_commit", "unknown"), command=f"{launcher} {shlex.join(argv)}",
         config=cfg, model_config=h["model_config"], curve=curve, train_curve=train_curve,
-        final_eval=final_eval[-1] if final_eval else None, harness=harness[-1] if harness else None)
+        final_eval=final_eval[-1] if final_eval else None, harness=harness[-1] if harness else None,
+        budget=cfg.get("budget") or "", spikes=spikes(train), flops_per_token=flops_per_token)
+
+
+def spikes(train):
+    """[(iteration, what)] of the log windows where training jumped (the module docstring's rule)."""
+    out, history = [], []  # history: the last-step gradient norms of the windows before, from the second on
+    for i, r in enumerate(train):
+        g = r.get("grad_norm_max", r.get("grad_norm"))
+        rise = r["loss_avg"] - train[i - 1]["loss_avg"] if i >= 2 and "loss_avg" in train[i - 1] else 0.0
+        if g is not None and len(history) >= 2 and g > SPIKE_GRAD * statistics.median(history):
+            out.append((r["iter"], f"gradient norm {g:.3g}, {g / statistics.median(history):.1f}x the median before"))
+        elif rise > SPIKE_LOSS:
+            out.append((r["iter"], f"training loss up {rise:.3f} over the previous window"))
+        if i >= 1 and r.get("grad_norm") is not None:
+            history.append(r["grad_norm"])
+    return out
+
+
+def difference_stats(a, b):
+    """Group a minus group b, each {seed: value}: paired over their common seeds when there are any, else Welch's
+    difference of means. dict(mean, lo, hi, p, how, seeds_needed); lo, hi and p are None below 2 seeds (a side).
+    seeds_needed: the fewest seeds (per group) whose 95% interval would exclude 0 if the mean difference and the
+    spread stayed as observed (None: more than 1000, or no spread to judge from)."""
+    from scipy import stats
+    out = dict(mean=None, lo=None, hi=None, p=None, how="", seeds_needed=None)
+    common = sorted(set(a) & set(b))
+    if common:
+        d = np.array([a[k] - b[k] for k in common], dtype=float)
+        m = float(d.mean())
+        out.update(mean=m, how=f"paired, {len(d)} seed{'s' if len(d) > 1 else ''}")
+        if len(d) < 2:
+            return out
+        sd = float(d.std(ddof=1))
+        se_df = lambda k: (sd / math.sqrt(k), k - 1)  # the standard error and degrees of freedom with k seeds
+        se, df = se_df(len(d))
+    elif a and b:
+        x, y = np.array(list(a.values()), dtype=float), np.array(list(b.values()), dtype=float)
+        m = float(x.mean() - y.mean())
+        out.update(mean=m, how=f"unpaired, {len(x)} and {len(y)} seeds")
+        if len(x) < 2 or len(y) < 2:
+            return out
+        vx, vy = float(x.var(ddof=1)), float(y.var(ddof=1))
+
+        def se_df(kx, ky=None):  # Welch: the standard error and the Welch-Satterthwaite degrees of freedom
+            ky = ky or kx
+            se2 = vx / kx + vy / ky
+            df = se2 ** 2 / ((vx / kx) ** 2 / (kx - 1) + (vy / ky) ** 2 / (ky - 1)) if se2 > 0 else kx + ky - 2
+            return math.sqrt(se2), df
+        se, df = se_df(len(x), len(y))
+    else:
+        return out
+    h = float(stats.t.ppf(0.975, df)) * se
+    out.update(lo=m - h, hi=m + h, p=float(2 * stats.t.sf(abs(m) / se, df)) if se > 0 else float(m == 0))
+    if se > 0 and m != 0:
+        out["seeds_needed"] = next((k for k in range(2, 1001)
+                                    if stats.t.ppf(0.975, se_df(k)[1]) * se_df(k)[0] < abs(m)), None)
+    return out
+
+
+def fmt_difference(d):
+    """'+0.0123 [−0.0100, +0.0346], p = 0.21, not significant; ~9 seeds would resolve it (paired, 3 seeds)'."""
+    if d is None or d["mean"] is None:
+        return "-"
+    text = f"{d['mean']:+.4f}"
+    if d["lo"] is None:
+        return text + f" ({d['how']}: no interval)"
+    text += f" [{d['lo']:+.4f}, {d['hi']:+.4f}], p = {d['p']:.2g}"
+    if d["p"] >= 0.05:
+        need = d["seeds_needed"]
+        text += ", not significant" + (f"; ~{need} seeds would resolve it" if need else "")
+    return text + f" ({d['how']})"
+
+
+def best_point(losses):
+    """The key of {point: [final losses over seeds]} with the lowest mean (the first such in order)."""
+    return min(losses, key=lambda k: statistics.fmean(losses[k]) if losses[k] else math.inf)
+
+
+def reach(curve, target, x):
+    """The x ('tokens', 'flops' or 'time') at which a validation curve first reaches target (linear between
+    evaluations), or None if it never does."""
+    prev = None
+    for p in curve:
+        if p["val_loss"] <= target:
+            if prev is None:
+                return p[x]
+            f = (prev["val_loss"] - target) / (prev["val_loss"] - p["val_loss"])
+            return prev[x] + f * (p[x] - prev[x])
+        prev = p
+    return None
+
+
+def mean_curve(runs):
+    """The mean validation curve of runs with the same evaluation points (a grid point's seeds)."""
+    points = {}
+    for s in runs:
+        for p in s["curve"]:
+            points.setdefault(p["iter"], []).append(p)
+    return [{k: statistics.fmean(p[k] for p in ps) for k in ("tokens", "flops", "time", "val_loss")}
+            for it, ps in sorted(points.items()) if len(ps) == len(runs)]
 
 
 def mean_std(values):
@@ -187,22 +312,6 @@ def common_point(summaries):
 
 def val_at(s, tokens):
     return next((p["val_loss"] for p in s["curve"] if p["tokens"] == tokens), None)
-
-
-def difference(group, ref, value):
-    """(mean, spread, how) of value(run) in group minus ref: paired over common seeds when there are any."""
-    a = {s["seed"]: value(s) for s in group if value(s) is not None}
-    b = {s["seed"]: value(s) for s in ref if value(s) is not None}
-    common = sorted(set(a) & set(b))
-    if common:
-        d = [a[k] - b[k] for k in common]
-        return statistics.fmean(d), statistics.stdev(d) if len(d) > 1 else None, \
-            f"paired, {len(d)} seed{'s' if len(d) > 1 else ''}"
-    if not a or not b:
-        return None, None, ""
-    (ma, sa), (mb, sb) = mean_std(list(a.values())), mean_std(list(b.values()))
-    spread = math.sqrt(sa ** 2 / len(a) + sb ** 2 / len(b)) if sa is not None and sb is not None else None
-    return ma - mb, spread, "unpaired"
 
 
 def group_runs(summaries, group_by, reference):
@@ -286,91 +395,314 @@ def settings_tables(summaries, groups):
     return shared, per_group, within
 
 
-def write_report(runs, out, group_by="variant", reference="mha"):
-    """report.md, summary.json and the plots in out; returns the report's text."""
-    summaries = [summarize(r) for r in runs]
+def value_name(v):
+    """6e-4 -> '6e-4', 0.1 -> '0.1', 50 -> '50', 'xavier' -> 'xavier': short and exact enough to name a run."""
+    if isinstance(v, float) and v != 0 and not 1e-2 <= abs(v) < 1e5:
+        mantissa, exponent = f"{v:.6e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def budget_title(budget):
+    kind, _, value = budget.partition("=")
+    try:
+        v = float(value)
+    except ValueError:
+        return budget or "Runs as given (no budget recorded)"
+    return {"tokens": f"Equal tokens ({count(int(v))})", "flops": f"Equal training FLOPs ({v:.3g})",
+            "seconds": f"Equal training time ({v:,.1f} s)", "iters": f"Equal steps ({int(v):,})"}.get(kind, budget)
+
+
+def grid_axes(runs):
+    """The config keys whose values differ between the runs of a group (its grid); min_lr is left out beside a
+    learning_rate axis (it follows the LR), as are the budget's keys."""
+    keys = sorted({k for s in runs for k in s["config"]} - set(RUN_KEYS) - set(DERIVED))
+    axes = [k for k in keys if len({json.dumps(s["config"].get(k)) for s in runs}) > 1]
+    if "learning_rate" in axes and "min_lr" in axes:
+        axes.remove("min_lr")
+    return axes
+
+
+def point_label(s, axes):
+    return ", ".join(f"{SHORT.get(k, k)}={value_name(s['config'].get(k))}" for k in axes) or "-"
+
+
+def analyse_group(runs):
+    """A group's grid points, its best point (the lowest mean final val loss over the seeds of its finished points,
+    or of all points if none finished), and whether the best LR sits at an edge of the grid."""
+    axes = grid_axes(runs)
+    points = {}
+    for s in runs:
+        points.setdefault(point_label(s, axes), []).append(s)
+    finished = {k: [s["final_val_loss"] for s in v] for k, v in points.items()
+                if all(s["complete"] and s["final_val_loss"] is not None for s in v)}
+    candidates = finished or {k: [s["final_val_loss"] for s in v if s["final_val_loss"] is not None]
+                              for k, v in points.items()}
+    best = best_point(candidates)
+    edge = None
+    if "learning_rate" in axes:
+        others = [k for k in axes if k != "learning_rate"]
+        ref = points[best][0]["config"]
+        row = sorted({s["config"]["learning_rate"] for s in runs if all(s["config"].get(k) == ref.get(k) for k in others)})
+        if len(row) >= 2 and ref["learning_rate"] in (row[0], row[-1]):
+            edge = "smallest" if ref["learning_rate"] == row[0] else "largest"
+    return dict(axes=axes, points=points, best=best, runs=points[best], edge=edge)
+
+
+def lr_rows(groups, info):
+    """{(group, the other axes' label): {learning rate: [runs]}} for the groups with a learning_rate axis."""
+    rows = {}
+    for g, runs in groups.items():
+        axes = info[g]["axes"]
+        if "learning_rate" not in axes:
+            continue
+        others = [k for k in axes if k != "learning_rate"]
+        for s in runs:
+            rows.setdefault((g, point_label(s, others)), {}).setdefault(s["config"]["learning_rate"], []).append(s)
+    return rows
+
+
+def fit_optimum(lrs, losses):
+    """The quadratic in log10(LR) through (LR, mean final loss): (coefficients, the LR at its minimum), or None
+    below 3 LRs; the optimum is None where the fit has no minimum (concave)."""
+    if len(lrs) < 3:
+        return None
+    c = np.polyfit(np.log10(lrs), losses, 2)
+    return c, (10 ** (-c[1] / (2 * c[0])) if c[0] > 0 else None)
+
+
+def lr_plot(rows, path, title):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (g, other), by_lr in rows.items():
+        lrs = sorted(by_lr)
+        done = [lr for lr in lrs if all(s["complete"] for s in by_lr[lr])]
+        y = [statistics.fmean(s["final_val_loss"] for s in by_lr[lr]) for lr in done]
+        if not done:
+            continue
+        label = g + (f" ({other})" if other != "-" else "")
+        line, = ax.plot(done, y, "o", label=label)
+        for lr in done:  # every seed, small
+            ax.plot([lr] * len(by_lr[lr]), [s["final_val_loss"] for s in by_lr[lr]], ".", color=line.get_color(),
+                    alpha=0.4)
+        fit = fit_optimum(done, y)
+        if fit:
+            xs = np.logspace(np.log10(done[0]), np.log10(done[-1]), 50)
+            ax.plot(xs, np.polyval(fit[0], np.log10(xs)), "-", color=line.get_color(), lw=1)
+            if fit[1] and done[0] <= fit[1] <= done[-1]:
+                ax.plot([fit[1]], [np.polyval(fit[0], np.log10(fit[1]))], "*", ms=14, color=line.get_color(),
+                        markeredgecolor="k")
+    ax.set_xscale("log")
+    ax.set_xlabel("peak learning rate")
+    ax.set_ylabel("final validation loss (mean over seeds)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path + ".tmp.png", dpi=120)
+    plt.close(fig)
+    os.replace(path + ".tmp.png", path)
+
+
+def budget_section(summaries, group_by, reference, out, suffix, h):
+    """The report's part for the runs of one budget: (markdown lines, its summary). h: the heading prefix."""
     groups = group_runs(summaries, group_by, reference)
-    ref = groups.get(reference)
-    os.makedirs(out, exist_ok=True)
-    common = common_point(summaries)
-    equal_length = len({s["tokens"] for s in summaries}) == 1 and all(s["complete"] for s in summaries)
-    # the number compared between variants: the final loss when every run has the same budget and finished,
-    # else the loss at the most tokens every run has reached (an evaluation point they share)
-    if equal_length:
+    info = {g: analyse_group(runs) for g, runs in groups.items()}
+    chosen = {g: info[g]["runs"] for g in groups}  # each group's runs at its best point
+    flat = [s for runs in chosen.values() for s in runs]
+    common = common_point(flat)
+    budget = summaries[0]["budget"]
+    equal = all(s["complete"] for s in flat) and (budget != "" or len({s["tokens"] for s in flat}) == 1)
+    # the number compared between groups: the final loss when every run finished its (equal) budget, else the loss
+    # at the most tokens every run has reached (an evaluation point they share)
+    if equal:
         compared, compared_label = (lambda s: s["final_val_loss"]), "final val loss"
     elif common:
         compared, compared_label = (lambda s: val_at(s, common)), f"val loss at {count(common)} tokens"
     else:
         compared, compared_label = (lambda s: None), "no shared evaluation point"
+    ref = chosen.get(reference)
+    diffs = {g: difference_stats({s["seed"]: compared(s) for s in runs if compared(s) is not None},
+                                 {s["seed"]: compared(s) for s in ref if compared(s) is not None})
+             for g, runs in chosen.items() if ref and g != reference}
+    gridded = any(len(i["points"]) > 1 for i in info.values())
 
-    lines = [f"# Comparison of {len(summaries)} runs in {len(groups)} groups (by {group_by})", "",
-             f"Written by `python -m scripts.compare` on {time.strftime('%Y-%m-%d %H:%M')} from each run's header.json "
-             f"and metrics.jsonl.", ""]
-    devices = sorted({s["device"] for s in summaries})
-    if len(devices) > 1:
-        lines += [f"**The runs used different devices ({', '.join(devices)}): time, tokens/s and MFU do not compare "
-                  f"between them.**", ""]
-    if not equal_length:
+    lines = []
+    if not equal:
         lines += [f"The runs have different lengths or are not finished: differences use the **{compared_label}**"
                   + (" (the most tokens at which every run was evaluated)." if common else "."), ""]
-    head = ["variant", "runs (seeds)", "params", "attn params / layer", "KV cache / token (bf16)", "tokens",
-            "final val loss", "best val loss", "val ppl"]
-    if not equal_length:
+    means = {g: mean_std([compared(s) for s in runs])[0] for g, runs in chosen.items()}
+    ranked = sorted((m, g) for g, m in means.items() if m is not None)
+    leader = ranked[0][1] if ranked else None
+    if leader and len(ranked) > 1:
+        against = [(reference, diffs.get(leader))] if leader != reference and ref else []
+        runner = ranked[1][1]
+        if runner != reference or leader == reference:
+            a = {s["seed"]: compared(s) for s in chosen[leader] if compared(s) is not None}
+            b = {s["seed"]: compared(s) for s in chosen[runner] if compared(s) is not None}
+            against.append((runner + " (second)", difference_stats(a, b)))
+        lines += [f"**{leader} leads** on {compared_label}" + (" (each group at its best grid point)" if gridded
+                                                               else "") + ": "
+                  + "; ".join(f"{leader} − {name}: {fmt_difference(d)}" for name, d in against) + ".", ""]
+
+    head = ["variant", "runs (seeds)"] + (["best point"] if gridded else []) + [
+        "params", "attn params / layer", "KV cache / token (bf16)", "tokens", "final val loss", "best val loss",
+        "val ppl"]
+    if not equal:
         head.append(compared_label)
     if ref:
-        head.append(f"Δ vs {reference} ({'final' if equal_length else 'at shared tokens'})")
-    head += ["train time", "tokens/s", "MFU", "peak memory", "device"]
+        head.append(f"Δ vs {reference}")
+    head += ["train time", "tokens/s", "MFU", "peak memory", "spiking runs", "device"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     table = {}
-    for name, runs in groups.items():
+    for name, runs in chosen.items():
+        i = info[name]
         seeds = ", ".join(str(s["seed"]) for s in runs)
         partial = "" if all(s["complete"] for s in runs) else " (partial)"
         tokens = {s["tokens"] for s in runs}
-        row = [f"**{name}**" if name == reference else name, f"{len(runs)} ({seeds}){partial}",
-               fmt([s["params"] for s in runs], 2, 1e-6, "M"),
-               fmt([s["attn_params_per_layer"] for s in runs], 3, 1e-6, "M"),
-               fmt([s["kv_bytes_per_token"] / 1024 if s["kv_bytes_per_token"] else None for s in runs], 1, 1, " KiB"),
-               count(min(tokens)) + (f"-{count(max(tokens))}" if len(tokens) > 1 else ""),
-               fmt([s["final_val_loss"] for s in runs]), fmt([s["best_val_loss"] for s in runs]),
-               fmt([math.exp(s["final_val_loss"]) if s["final_val_loss"] is not None else None for s in runs], 2)]
-        if not equal_length:
+        row = [f"**{name}**" if name == reference else name, f"{len(runs)} ({seeds}){partial}"]
+        if gridded:
+            edge = f" ⚠ the {i['edge']} LR of its grid: widen the grid" if i["edge"] else ""
+            row.append(f"{i['best']} (of {len(i['points'])}){edge}")
+        row += [fmt([s["params"] for s in runs], 2, 1e-6, "M"),
+                fmt([s["attn_params_per_layer"] for s in runs], 3, 1e-6, "M"),
+                fmt([s["kv_bytes_per_token"] / 1024 if s["kv_bytes_per_token"] else None for s in runs], 1, 1, " KiB"),
+                count(min(tokens)) + (f"-{count(max(tokens))}" if len(tokens) > 1 else ""),
+                fmt([s["final_val_loss"] for s in runs]), fmt([s["best_val_loss"] for s in runs]),
+                fmt([math.exp(s["final_val_loss"]) if s["final_val_loss"] is not None else None for s in runs], 2)]
+        if not equal:
             row.append(fmt([compared(s) for s in runs]))
-        d = (None, None, "")
         if ref:
-            d = difference(runs, ref, compared) if name != reference else (None, None, "")
-            row.append("-" if d[0] is None else f"{d[0]:+.4f}" + (f" ± {d[1]:.4f}" if d[1] is not None else "")
-                       + f" ({d[2]})")
+            d = diffs.get(name)
+            row.append("-" if d is None or d["mean"] is None else f"{d['mean']:+.4f}"
+                       + (f" [{d['lo']:+.4f}, {d['hi']:+.4f}]" if d["lo"] is not None else ""))
+        n_spiking = sum(bool(s["spikes"]) for s in groups[name])
         row += [duration([s["train_time_s"] for s in runs]), fmt([s["tokens_per_s"] for s in runs], 0),
                 fmt([s["mfu"] for s in runs], 1, 100, "%"), fmt([s["peak_mem_gib"] for s in runs], 1, 1, " GiB"),
-                ", ".join(sorted({s["device"] for s in runs}))]
+                f"{n_spiking} of {len(groups[name])}", ", ".join(sorted({s["device"] for s in runs}))]
         lines.append("| " + " | ".join(row) + " |")
-        values = [compared(s) for s in runs]
-        table[name] = dict(runs=[s["name"] for s in runs], seeds=[s["seed"] for s in runs],
-                           final_val_loss=mean_std([s["final_val_loss"] for s in runs]),
-                           compared=mean_std(values), diff_vs_reference=d[:2] if ref else None)
-    lines += ["", "Mean ± sample standard deviation over the seeds. Train time: the sum of step times (no compilation, "
-              "evaluation or checkpointing); tokens/s: tokens / train time; MFU: against the device's dense bf16 peak "
-              "with the model's own FLOPs per token; KV cache: all layers, 2 bytes per element.", ""]
+        table[name] = dict(best_point=i["best"], edge=i["edge"], runs=[s["name"] for s in runs],
+                           seeds=[s["seed"] for s in runs], final_val_loss=mean_std([s["final_val_loss"] for s in runs]),
+                           compared=mean_std([compared(s) for s in runs]), diff_vs_reference=diffs.get(name),
+                           points={k: dict(runs=[s["name"] for s in v], final_val_loss=mean_std(
+                               [s["final_val_loss"] for s in v]), spiking=[s["name"] for s in v if s["spikes"]])
+                               for k, v in i["points"].items()})
+    lines += ["", "Mean ± sample standard deviation over the seeds" + (" of each group's best grid point (the lowest "
+              "mean final val loss)" if gridded else "") + f". Δ vs {reference}: the mean difference with its 95% "
+              "t-interval (below). Train time: the sum of step times (no compilation, evaluation or checkpointing); "
+              "tokens/s: tokens / train time; MFU: against the device's dense bf16 peak with the model's own FLOPs "
+              "per token; KV cache: all layers, 2 bytes per element; spiking runs: over every grid point.", ""]
 
-    finals = [s for s in summaries if s["final_eval"]]
+    if diffs:
+        lines += [f"{h}# Differences to {reference}", "", f"| variant | Δ {compared_label} [95% interval], p | runs "
+                  f"(variant; {reference}) |", "|---|---|---|"]
+        for g, d in diffs.items():
+            lines.append(f"| {g} | {fmt_difference(d)} | {', '.join(s['name'] for s in chosen[g])}; "
+                         f"{', '.join(s['name'] for s in ref)} |")
+        lines += ["", "Paired by seed where both ran the same seeds (the same data order), else Welch's difference of "
+                  "means; p: two-sided t-test; \"~N seeds would resolve it\": the fewest seeds whose 95% interval "
+                  "would exclude zero if the mean difference and the spread stayed as observed.", ""]
+
+    rows = lr_rows(groups, info)
+    fits = {}
+    if rows:
+        lrs = sorted({lr for by_lr in rows.values() for lr in by_lr})
+        lines += [f"{h}# Learning-rate grid", "", "| variant | " + " | ".join(value_name(lr) for lr in lrs)
+                  + " | fitted optimum |", "|---" * (len(lrs) + 2) + "|"]
+        for (g, other), by_lr in rows.items():
+            cells = []
+            for lr in lrs:
+                rs = by_lr.get(lr, [])
+                if not rs:
+                    cells.append("")
+                    continue
+                cell = fmt([s["final_val_loss"] for s in rs]) + f" ({len(rs)})"
+                if not all(s["complete"] for s in rs):
+                    cell += " partial"
+                n_spikes = sum(bool(s["spikes"]) for s in rs)
+                if n_spikes:
+                    cell += f" ⚠{n_spikes} spiking"
+                best_lr = info[g]["runs"][0]["config"]["learning_rate"]
+                if lr == best_lr and point_label(rs[0], info[g]["axes"]) == info[g]["best"]:
+                    cell = f"**{cell}**"
+                cells.append(cell)
+            done = [lr for lr in sorted(by_lr) if all(s["complete"] for s in by_lr[lr])]
+            fit = fit_optimum(done, [statistics.fmean(s["final_val_loss"] for s in by_lr[lr]) for lr in done])
+            opt = "-" if not fit else "no minimum (concave fit)" if fit[1] is None else value_name(float(f"{fit[1]:.2g}")) \
+                + ("" if done[0] <= fit[1] <= done[-1] else " (outside the grid)")
+            fits[f"{g} {other}"] = None if not fit else fit[1]
+            label = g + (f" ({other})" if other != "-" else "")
+            lines.append(f"| {label} | " + " | ".join(cells) + f" | {opt} |")
+        lr_file = f"lr_sensitivity{suffix}.png"
+        lr_plot(rows, os.path.join(out, lr_file), "Final validation loss against the peak learning rate")
+        lines += ["", "Final val loss, mean ± std over seeds (the number of seeds); bold: the group's best point; ⚠: "
+                  "runs flagged as spiking (below). Fitted optimum: the minimum of a quadratic in log LR through the "
+                  "means (3 or more finished LRs).", "", f"![learning-rate sensitivity]({lr_file})", ""]
+
+    flagged = [s for s in summaries if s["spikes"]]
+    lines += [f"{h}# Instabilities", ""]
+    if flagged:
+        lines += [f"{len(flagged)} of {len(summaries)} runs spiked: a log window's largest gradient norm above "
+                  f"{SPIKE_GRAD:g}x the median of the windows before it, or its mean training loss up more than "
+                  f"{SPIKE_LOSS:g} over the previous window.", "", "| run | variant | point | iteration: what |",
+                  "|---|---|---|---|"]
+        for s in flagged:
+            g = next(g for g, runs in groups.items() if s in runs)
+            lines.append(f"| {s['name']} | {g} | {point_label(s, info[g]['axes'])} | "
+                         + "; ".join(f"{it}: {what}" for it, what in s["spikes"]) + " |")
+    else:
+        lines.append(f"No run spiked (a log window's largest gradient norm above {SPIKE_GRAD:g}x the median before it, "
+                     f"or its mean training loss up more than {SPIKE_LOSS:g}).")
+    lines.append("")
+
+    efficiency = {}
+    if ref and all(s["complete"] for s in ref):
+        ref_curve = mean_curve(ref)
+        lines += [f"{h}# Data efficiency against {reference}", "",
+                  f"How many times the tokens (FLOPs, training time) {reference} needs to reach each variant's final "
+                  f"val loss, against what the variant used: above 1, the variant needs less; \"> x\": {reference} "
+                  f"never reaches it in its run. Read from {reference}'s mean validation curve, which is mid-schedule "
+                  "before its end (a run planned shorter would get there sooner, so these ratios lean in the "
+                  "variant's favour).", "", "| variant | final val loss | tokens | FLOPs | time |", "|---|---|---|---|---|"]
+        for g, runs in chosen.items():
+            if g == reference or not all(s["complete"] for s in runs):
+                continue
+            target = statistics.fmean(s["final_val_loss"] for s in runs)
+            cells, ratios = [], {}
+            for x, used in (("tokens", statistics.fmean(s["tokens"] for s in runs)),
+                            ("flops", statistics.fmean(s["flops_per_token"] * s["tokens"] for s in runs)),
+                            ("time", statistics.fmean(s["train_time_s"] for s in runs))):
+                at = reach(ref_curve, target, x)
+                if not used or (isinstance(used, float) and math.isnan(used)):
+                    cells.append("-")
+                    continue
+                ratios[x] = (at / used) if at is not None else None
+                cells.append(f"{at / used:.2f}x" if at is not None else f"> {ref_curve[-1][x] / used:.2f}x")
+            efficiency[g] = ratios
+            lines.append(f"| {g} | {target:.4f} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    finals = [s for s in flat if s["final_eval"]]
     if finals:
-        lines += ["## Final evaluation (eval.val_loss on a larger budget)", "",
+        lines += [f"{h}# Final evaluation (eval.val_loss on a larger budget)", "",
                   "| variant | tokens | val loss | ppl | bits per byte |", "|---|---|---|---|---|"]
-        for name, runs in groups.items():
+        for name, runs in chosen.items():
             fe = [s["final_eval"] for s in runs if s["final_eval"]]
             if fe:
                 lines.append(f"| {name} | {fe[0]['final_eval_tokens']:,} | {fmt([f['final_val_loss'] for f in fe])} | "
                              f"{fmt([f['final_val_ppl'] for f in fe], 2)} | {fmt([f['final_bpb'] for f in fe])} |")
         lines.append("")
-    harness = [s for s in summaries if s["harness"]]
+    harness = [s for s in flat if s["harness"]]
     if harness:
-        lines += ["## Downstream tasks (eval.harness)", ""]
+        lines += [f"{h}# Downstream tasks (eval.harness)", ""]
         tasks = list(dict.fromkeys(t for s in harness for row in s["harness"]["harness"] for t in row["scores"]))
         lines += ["| variant | shots | " + " | ".join(tasks) + " | avg |", "|---" * (len(tasks) + 3) + "|"]
-        for name, runs in groups.items():
-            rows = [row for s in runs if s["harness"] for row in s["harness"]["harness"]]
-            for shots in sorted({row["shots"] for row in rows}):
-                rs = [row for row in rows if row["shots"] == shots]
+        for name, runs in chosen.items():
+            rows_h = [row for s in runs if s["harness"] for row in s["harness"]["harness"]]
+            for shots in sorted({row["shots"] for row in rows_h}):
+                rs = [row for row in rows_h if row["shots"] == shots]
                 cells = [fmt([row["scores"].get(t, {}).get("value") for row in rs], 2) for t in tasks]
                 lines.append(f"| {name} | {shots} | " + " | ".join(cells) + f" | {fmt([row['avg'] for row in rs], 2)} |")
         limits = {s["harness"].get("harness_limit") for s in harness}
@@ -378,25 +710,58 @@ def write_report(runs, out, group_by="variant", reference="mha"):
             lines.append(f"\nLimited runs (examples per task: {', '.join(str(x) for x in sorted(limits, key=str))}).")
         lines.append("")
 
-    minutes = max((s["train_time_s"] for s in summaries if not math.isnan(s["train_time_s"])), default=0) > 120
-    plots = [("val_loss_tokens.png", "curve", "tokens", "tokens (millions)", 1e-6, "Validation loss at equal tokens"),
-             ("val_loss_time.png", "curve", "time", f"training time ({'minutes' if minutes else 'seconds'})",
-              1 / 60 if minutes else 1, "Validation loss at equal training time"),
-             ("val_loss_flops.png", "curve", "flops", "training FLOPs (PFLOP)", 1e-15,
-              "Validation loss at equal training FLOPs"),
-             ("train_loss.png", "train_curve", "tokens", "tokens (millions)", 1e-6, "Training loss")]
-    lines += ["## Curves", "", "Mean over seeds (the band: min to max); the last 80% of training is shown.", ""]
+    minutes = max((s["train_time_s"] for s in flat if not math.isnan(s["train_time_s"])), default=0) > 120
+    plots = [("val_loss_tokens", "curve", "tokens", "tokens (millions)", 1e-6, "Validation loss against tokens"),
+             ("val_loss_time", "curve", "time", f"training time ({'minutes' if minutes else 'seconds'})",
+              1 / 60 if minutes else 1, "Validation loss against training time"),
+             ("val_loss_flops", "curve", "flops", "training FLOPs (PFLOP)", 1e-15,
+              "Validation loss against training FLOPs"),
+             ("train_loss", "train_curve", "tokens", "tokens (millions)", 1e-6, "Training loss")]
+    lines += [f"{h}# Curves", "", "Mean over seeds" + (" at each group's best point" if gridded else "") + " (the band: "
+              "min to max); the last 80% of training is shown. These interpolate between evaluations: the tables "
+              "above compare finished runs.", ""]
     for file, key, x, xlabel, scale, title in plots:
-        plot(groups, os.path.join(out, file), key, x, xlabel, scale, title)
-        lines += [f"![{title}]({file})", ""]
+        plot(chosen, os.path.join(out, file + suffix + ".png"), key, x, xlabel, scale, title)
+        lines += [f"![{title}]({file}{suffix}.png)", ""]
+    return lines, dict(budget=budget, title=budget_title(budget), compared=compared_label, leader=leader,
+                       groups=table, lr_optimum=fits, efficiency=efficiency)
 
-    lines += ["## Runs", "", "| run | variant | seed | iterations | final val loss | train time | device | commit |",
-              "|---|---|---|---|---|---|---|---|"]
+
+def write_report(runs, out, group_by="variant", reference="mha"):
+    """report.md, summary.json and the plots in out; returns the report's text."""
+    summaries = [summarize(r) for r in runs]
+    os.makedirs(out, exist_ok=True)
+    budgets = {}
+    for s in summaries:
+        budgets.setdefault(s["budget"], []).append(s)
+    lines = [f"# Comparison of {len(summaries)} runs (by {group_by})", "",
+             f"Written by `python -m scripts.compare` on {time.strftime('%Y-%m-%d %H:%M')} from each run's header.json "
+             f"and metrics.jsonl.", ""]
+    devices = sorted({s["device"] for s in summaries})
+    if len(devices) > 1:
+        lines += [f"**The runs used different devices ({', '.join(devices)}): time, tokens/s and MFU do not compare "
+                  f"between them.**", ""]
+    sections = []
+    several = len(budgets) > 1
+    if several:
+        lines += ["Budgets: " + "; ".join(f"{budget_title(b)}, {len(v)} runs" for b, v in budgets.items()), ""]
+    for budget, members in budgets.items():
+        suffix = "_" + re.sub(r"[^A-Za-z0-9]+", "-", budget.partition("=")[0] or "as-given") if several else ""
+        if several:
+            lines += [f"## {budget_title(budget)}", ""]
+        section, summary = budget_section(members, group_by, reference, out, suffix, "##" if several else "#")
+        lines += section
+        sections.append(summary)
+
+    lines += ["## Runs", "", "| run | variant | budget | seed | iterations | final val loss | spikes | train time | "
+              "device | commit |", "|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         state = f"{s['iters']:,}" + ("" if s["complete"] else f" of {s['max_iters']:,} (partial)")
         val = f"{s['final_val_loss']:.4f}" if s["final_val_loss"] is not None else "-"
-        lines.append(f"| {s['name']} | {s['variant']} | {s['seed']} | {state} | {val} | "
-                     f"{duration([s['train_time_s']])} | {s['device']} | `{s['git_commit'][:12]}` |")
+        lines.append(f"| {s['name']} | {s['variant']} | {s['budget'] or '-'} | {s['seed']} | {state} | {val} | "
+                     f"{len(s['spikes']) or ''} | {duration([s['train_time_s']])} | {s['device']} | "
+                     f"`{s['git_commit'][:12]}` |")
+    groups = group_runs(summaries, group_by, reference)
     shared, per_group, within = settings_tables(summaries, groups)
     lines += ["", "## Settings", "", "Shared by every run:", "", "```",
               " ".join(f"{k}={v!r}" for k, v in shared.items()), "```", ""]
@@ -405,17 +770,18 @@ def write_report(runs, out, group_by="variant", reference="mha"):
         lines += [f"| {k} | " + " | ".join(v[g] for g in groups) + " |" for k, v in per_group.items()]
         lines.append("")
     if within:
-        lines += [f"**Settings that differ between runs of one group: {', '.join(within)}.**", ""]
+        lines += [f"Settings that differ between runs of one group (grid axes, budgets): {', '.join(within)}.", ""]
     commits = sorted({s["git_commit"] for s in summaries})
     lines += [f"Commits: {', '.join(f'`{c}`' for c in commits)}", "", "<details><summary>Commands (each run's first "
               "start; a resumed run continued with --init_from=resume)</summary>", "", "```"]
     lines += [s["command"] for s in summaries] + ["```", "", "</details>", ""]
 
     text = "\n".join(lines)
-    for name, content in (("report.md", text), ("summary.json", json.dumps(dict(
-            group_by=group_by, reference=reference, compared=compared_label, groups=table,
-            runs=[{k: v for k, v in s.items() if k not in ("curve", "train_curve", "config", "model_config")}
-                  for s in summaries]), indent=1))):
+    summary = dict(group_by=group_by, reference=reference, compared=sections[0]["compared"],
+                   groups=sections[0]["groups"], budgets=sections,
+                   runs=[{k: v for k, v in s.items() if k not in ("curve", "train_curve", "config", "model_config")}
+                         for s in summaries])
+    for name, content in (("report.md", text), ("summary.json", json.dumps(summary, indent=1))):
         path = os.path.join(out, name)
         with open(path + ".tmp", "w") as f:
             f.write(content)
@@ -439,7 +805,7 @@ def main():
         parents = {os.path.dirname(os.path.abspath(r["path"])) for r in runs}
         out = os.path.join(os.path.commonpath(sorted(parents)), "report")
     text = write_report(runs, out, args.group_by, args.reference)
-    print(text[:text.index("## Curves")].rstrip())
+    print(text[:text.index("## Runs")].rstrip())
     print(f"\nreport: {os.path.join(out, 'report.md')}")
 
 

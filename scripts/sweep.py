@@ -1,20 +1,36 @@
 """
-Train attention variants with one recipe and several seeds, then compare them in one report.
+Train attention variants with one recipe over seeds and a grid of settings, then compare them in one report.
 
     python -m scripts.sweep config/sweeps/tiny_cpu.py                       # CPU, about a minute
-    python -m scripts.sweep config/sweeps/wiki_1gpu.py                      # one GPU, about 20 minutes
+    python -m scripts.sweep config/sweeps/wiki_lr.py                        # one GPU: an LR grid per variant
     python -m scripts.sweep config/sweeps/small_fineweb.py --nproc=8        # the paper's Small comparison
-    python -m scripts.sweep config/sweeps/wiki_1gpu.py --only='tpa_*,mha_*' --dry_run=True   # list, run nothing
+    python -m scripts.sweep config/sweeps/wiki_lr.py --only='tpa_*,mha_*' --dry_run=True   # list, run nothing
 
 A sweep file (config/sweeps/*.py) sets keys of the defaults block below; unknown keys are errors. On the
 command line, --key=value sets a sweep key, and any other key is a train.py key for every run (--data_dir=...,
---compile=False, ...); lists and dicts are Python literals: --variants="[{'name': 'tpa', 'attn': 'tpa'}]". A run's settings, later ones winning: the base config files, the sweep's `train`, the
-variant's keys, the command line's train.py keys; then the sweep sets seed, out_dir, max_iters, lr_decay_iters
-(= max_iters: the cosine ends with the budget, unless a setting above names it) and variant.
+--compile=False, ...); lists and dicts are Python literals: --variants="[{'name': 'tpa', 'attn': 'tpa'}]". A
+run's settings, later ones winning: the base config files, the sweep's `train`, the variant's keys, its grid
+point, the command line's train.py keys; then the sweep sets seed, out_dir, max_iters, lr_decay_iters (=
+max_iters: the cosine ends with the budget, unless a setting above names it), variant and budget.
 
-Every run is checked with train.py --dry_run=True before any trains. Each (variant, seed) trains with train.py
-in out_root/<variant>_s<seed>; then optional evaluations (eval.val_loss on final_eval_tokens, eval.harness
-tasks), appended to the run's metrics.jsonl; then the report (scripts/compare.py) goes to out_root/report.
+Runs: every variant x every point of the grid x every seed. `grid` makes any train.py key an axis, e.g.
+grid = dict(learning_rate=[3e-4, 6e-4, 1e-3]) (a variant's own `grid` replaces the sweep's for it); on a
+learning_rate axis min_lr follows the LR (min_lr_ratio). A run is named by its settings: <variant>_s<seed>,
+or with a grid <variant>_lr6e-4_s<seed> (lr, minlr, wu, wd, bs abbreviate learning_rate, min_lr, warmup_iters,
+weight_decay, batch_size; other keys keep their names). `best_seeds` are further seeds run only at each
+variant's best grid point (the lowest mean final validation loss over `seeds`) once its grid has finished.
+
+The budget, the same for every run: max_iters, max_tokens, max_flops (each variant trains max_flops / its
+training FLOPs per token tokens), or a training time: max_seconds, or time_of="mha:20000000" (the time the mha
+variant takes for 20M tokens). A time budget is turned into tokens per variant with its tokens/s, measured by a
+short calibration run (calibrate_iters steps) on this machine before any run trains; the measurements are kept
+in out_root/calibration.json and reused when the sweep resumes, so a run's length never changes. Every run's
+cosine ends with its budget, so the report compares finished runs.
+
+Every run is checked with train.py --dry_run=True, and its data folder is read, before any trains. Each run
+trains with train.py in out_root/<name>; then optional evaluations (eval.val_loss on final_eval_tokens,
+eval.harness tasks), appended to the run's metrics.jsonl; then the report (scripts/compare.py) goes to
+out_root/report.
 
 Resumable: a finished run is skipped and an interrupted one continues from its newest checkpoint (train.py
 --init_from=resume, exactly), so the same command run again after a crash, a kill or a preemption finishes
@@ -33,22 +49,32 @@ import re
 import shlex
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import time
 
 from checkpoint import checkpoint_iter, list_checkpoints
 from configurator import configure
+from scripts.compare import value_name
 
 # -----------------------------------------------------------------------------
 # defaults; a sweep file and --key=value override them
 base = ""  # train.py config file(s) every run starts from, comma-separated, e.g. "config/small_tpa.py"
 variants = [dict(name="mha", attn="mha"), dict(name="tpa", attn="tpa")]  # each: a name, then train.py keys
 seeds = [1337]  # every variant runs once per seed (model init and data order)
-max_iters = 0  # the budget in optimizer steps, or
-max_tokens = 0  # the budget in tokens (rounded up to whole iterations); set exactly one of the two
+grid = {}  # {train.py key: [values]}: every variant runs every combination (a variant's own 'grid' replaces it)
+min_lr_ratio = 0.1  # on a learning_rate axis, min_lr = learning_rate x this (unless min_lr is set otherwise)
+best_seeds = []  # further seeds, run at each variant's best grid point once its grid (over `seeds`) has finished
+# the budget, one of:
+max_iters = 0  # optimizer steps
+max_tokens = 0  # tokens (rounded up to whole iterations)
+max_flops = 0.0  # training FLOPs: each variant trains max_flops / (its FLOPs per token) tokens
+max_seconds = 0.0  # training time (the sum of step times): seconds x the variant's calibrated tokens/s
+time_of = ""  # "VARIANT:TOKENS": a time budget equal to the time VARIANT takes for TOKENS tokens (its calibration)
+calibrate_iters = 30  # steps of each calibration run (time budgets; the first, compiled step is not timed)
 train = {}  # train.py keys for every run (data_dir, batch_size, eval_interval, warmup_iters, ...)
-out_root = "out/sweep"  # runs in out_root/<variant>_s<seed>, the report in out_root/report
+out_root = "out/sweep"  # runs in out_root/<run name>, the report in out_root/report
 nproc = 1  # processes per run: 1 runs python train.py, N > 1 torchrun --standalone --nproc_per_node=N
 only = ""  # run only these runs: comma-separated names or globs ("tpa_s*,mha_s1337"); the report shows all
 final_eval_tokens = 0  # after training: eval.val_loss on this many validation tokens (0: none)
@@ -59,7 +85,7 @@ report = True  # write out_root/report when the sweep ends (also after failures)
 dry_run = False  # print the runs, their state and commands, then exit
 # -----------------------------------------------------------------------------
 SWEEP_KEYS = list(configure(globals(), []))
-RESERVED = ("seed", "out_dir", "max_iters", "init_from", "variant", "dry_run")  # set by the sweep per run
+RESERVED = ("seed", "out_dir", "max_iters", "init_from", "variant", "budget", "dry_run")  # set by the sweep per run
 # train.py keys that do not change a run's numbers: a run may resume on another machine with other values
 OPERATIONAL = ("out_dir", "init_from", "dry_run", "device", "compile", "log_interval", "keep_checkpoints",
                "checkpoint_interval", "wandb_log", "wandb_project", "wandb_run_name")
@@ -159,22 +185,50 @@ def stream(cmd, log_path, prefix, on_line=None, pass_fds=()):
     return p.returncode
 
 
+SHORT = dict(learning_rate="lr", min_lr="minlr", warmup_iters="wu", weight_decay="wd", batch_size="bs")
+BUDGETS = ("max_iters", "max_tokens", "max_flops", "max_seconds", "time_of")
+
+
+def point_name(point):
+    """A grid point's part of a run name: 'lr6e-4', 'tpa_init-xavier_lr1e-3' ('' for no grid)."""
+    parts = []
+    for k, v in point.items():
+        key, value = SHORT.get(k, k), value_name(v)
+        parts.append(key + ("-" if not value[:1].isdigit() else "") + value)
+    return "_".join(parts)
+
+
+def grid_points(grid):
+    """Every combination of a grid's axes, in the grid's order: [{key: value}]; [{}] for no grid."""
+    points = [{}]
+    for key, values in grid.items():
+        points = [dict(p, **{key: v}) for p in points for v in values]
+    return points
+
+
 class Run:
-    def __init__(self, variant, seed, sweep):
-        self.variant, self.seed = variant["name"], seed
-        self.name = f"{self.variant}_s{seed}"
+    def __init__(self, variant, point, seed, sweep):
+        self.variant, self.point, self.seed = variant["name"], point, seed
+        self.point_name = point_name(point)
+        self.label = self.variant + (f"_{self.point_name}" if point else "")  # the run's name without its seed
+        self.name = f"{self.label}_s{seed}"
         self.out_dir = os.path.join(sweep["out_root"], self.name)
-        keys = {k: v for k, v in variant.items() if k != "name"}
-        self.explicit = set(sweep["train"]) | set(keys) | set(sweep["cli_train"])  # keys the user set
+        keys = {k: v for k, v in variant.items() if k not in ("name", "grid")}
+        point_args = dict(point)
+        if "learning_rate" in point and "min_lr" not in point and "min_lr" not in keys:
+            point_args["min_lr"] = float(f"{point['learning_rate'] * sweep['min_lr_ratio']:.6g}")  # follows the peak
+        self.explicit = set(sweep["train"]) | set(keys) | set(point_args) | set(sweep["cli_train"])  # keys the user set
         self.args = ([f for f in sweep["base"].split(",") if f] + [arg(k, v) for k, v in sweep["train"].items()]
-                     + [arg(k, v) for k, v in keys.items()] + sweep["cli_args"]
-                     + [arg("seed", seed), arg("variant", self.variant)])
+                     + [arg(k, v) for k, v in keys.items()] + [arg(k, v) for k, v in point_args.items()]
+                     + sweep["cli_args"] + [arg("seed", seed), arg("variant", self.variant)])
         self.config = None  # train.py's resolved config (the dry run)
+        self.info = None  # the dry run's model config, FLOPs per token and tokens per iteration
         self.max_iters = None
+        self.budget = None  # the budget's label, the same for every run of the sweep
         self.status = "pending"
 
     def train_args(self, init_from):
-        extra = [arg("max_iters", self.max_iters)]
+        extra = [arg("max_iters", self.max_iters), arg("budget", self.budget)]
         if "lr_decay_iters" not in self.explicit:
             extra.append(arg("lr_decay_iters", self.max_iters))
         return self.args + extra + [arg("out_dir", self.out_dir), arg("init_from", init_from)]
@@ -182,10 +236,18 @@ class Run:
     def spec(self):
         """The settings that make this run this run: the resolved train.py config without the keys that do not change
         its numbers; compared with the config in the run folder's header.json before the run is resumed."""
-        settings = dict(self.config, seed=self.seed, max_iters=self.max_iters)
+        settings = dict(self.config, seed=self.seed, max_iters=self.max_iters, budget=self.budget)
         if "lr_decay_iters" not in self.explicit:
             settings["lr_decay_iters"] = self.max_iters
         return {k: v for k, v in settings.items() if k not in OPERATIONAL}
+
+    def speed(self, sweep):
+        """What sets the run's tokens/s (the model, its batch, dtype, compile and device): runs that share it share
+        a calibration. Optimizer settings and the initialisation do not change the speed."""
+        c = self.config
+        model = {k: v for k, v in self.info["model"].items() if k != "tpa_init"}
+        return dict(model=model, nproc=sweep["nproc"], **{k: c[k] for k in (
+            "batch_size", "block_size", "gradient_accumulation_steps", "dtype", "compile", "device")})
 
     def state(self, post_evals):
         """'done', 'evaluate' (trained; an evaluation is missing), 'resume' or 'scratch'."""
@@ -202,31 +264,103 @@ class Run:
         return "evaluate" if missing_evaluations(self, post_evals) else "done"
 
 
-def resolve(runs, sweep):
-    """Check every run's settings with train.py --dry_run=True (once per variant, in parallel); set max_iters."""
-    checks = {}
+def dry_runs(runs):
+    """train.py --dry_run=True once per (variant, grid point), a few at a time: {label: (config, info)}."""
+    first = {}
     for run in runs:
-        if run.variant not in checks:
-            cmd = [sys.executable, "train.py"] + run.args + [arg("out_dir", run.out_dir), "--dry_run=True"]
-            checks[run.variant] = (run, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    by_variant = {}
-    for variant, (run, p) in checks.items():
-        out, err = p.communicate()
-        if p.returncode != 0:
-            msg = (err.strip() or out.strip()).splitlines()[-1:] or ["no output"]
-            raise SystemExit(f"variant {variant!r}: train.py refuses its settings: {msg[0]}\n"
-                             f"  (python train.py {shlex.join(run.args)} --dry_run=True)")
-        by_variant[variant] = json.loads(out[:out.rindex("}") + 1])["config"]
+        first.setdefault(run.label, run)
+    pending, results, width = list(first.values()), {}, max(2, min(8, os.cpu_count() or 2))
+    while pending:
+        batch, pending = pending[:width], pending[width:]
+        procs = [(run, subprocess.Popen([sys.executable, "train.py"] + run.args + [arg("out_dir", run.out_dir),
+                                                                                  "--dry_run=True"],
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)) for run in batch]
+        for run, p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                msg = (err.strip() or out.strip()).splitlines()[-1:] or ["no output"]
+                raise SystemExit(f"{run.label}: train.py refuses its settings: {msg[0]}\n"
+                                 f"  (python train.py {shlex.join(run.args)} --dry_run=True)")
+            info = json.loads(out[:out.rindex("}") + 1])
+            results[run.label] = (info.pop("config"), info)
+    return results
+
+
+def check_data(runs):
+    """Every data folder the runs read holds readable train and val shards: a missing folder stops the sweep before
+    any run starts, instead of failing every run."""
+    from data.shards import find_shards, read_header
+    for data_dir in sorted({run.config["data_dir"] for run in runs}):
+        try:
+            for split in ("train", "val"):
+                for path in find_shards(data_dir, split):
+                    read_header(path)
+        except (FileNotFoundError, ValueError) as e:
+            users = sorted({run.label for run in runs if run.config["data_dir"] == data_dir})
+            raise SystemExit(f"data error for {', '.join(users)}: {e}")
+
+
+def resolve(runs, sweep, calibration=None):
+    """Check every run's settings (train.py --dry_run=True) and its data; set its config, max_iters and budget.
+    A time budget needs calibration ({label: tokens/s}); without it max_iters stays None."""
+    results = dry_runs(runs)
     for run in runs:
-        run.config = cfg = by_variant[run.variant]
-        tokens_per_iter = cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
-        run.max_iters = sweep["max_iters"] or math.ceil(sweep["max_tokens"] / tokens_per_iter)
-        if cfg["gradient_accumulation_steps"] % sweep["nproc"]:
-            raise SystemExit(f"variant {run.variant!r}: gradient_accumulation_steps="
-                             f"{cfg['gradient_accumulation_steps']} (global) is not divisible by nproc={sweep['nproc']}")
-        if cfg["warmup_iters"] > run.max_iters:
-            raise SystemExit(f"variant {run.variant!r}: warmup_iters={cfg['warmup_iters']} exceeds the budget of "
+        run.config, run.info = results[run.label]
+        if run.config["gradient_accumulation_steps"] % sweep["nproc"]:
+            raise SystemExit(f"{run.label}: gradient_accumulation_steps={run.config['gradient_accumulation_steps']} "
+                             f"(global) is not divisible by nproc={sweep['nproc']}")
+    check_data(runs)
+    set_budget(runs, sweep, calibration)
+
+
+def set_budget(runs, sweep, calibration=None):
+    """Each run's max_iters from the sweep's budget (and its calibrated tokens/s for a time budget)."""
+    seconds = time_budget(sweep, calibration)
+    for run in runs:
+        tokens_per_iter = run.info["tokens_per_iter"]
+        if sweep["max_iters"]:
+            run.max_iters, run.budget = sweep["max_iters"], f"iters={sweep['max_iters']}"
+        elif sweep["max_tokens"]:
+            run.max_iters, run.budget = iters(sweep["max_tokens"] / tokens_per_iter), f"tokens={sweep['max_tokens']}"
+        elif sweep["max_flops"]:
+            run.max_iters = iters(sweep["max_flops"] / (run.info["flops_per_token"] * tokens_per_iter))
+            run.budget = f"flops={sweep['max_flops']:.6g}"
+        elif seconds is not None and calibration and run.label in calibration:
+            run.max_iters = iters(seconds * calibration[run.label] / tokens_per_iter)
+            run.budget = f"seconds={seconds:.6g}"
+        if run.max_iters is not None and run.config["warmup_iters"] > run.max_iters:
+            raise SystemExit(f"{run.label}: warmup_iters={run.config['warmup_iters']} exceeds the budget of "
                              f"{run.max_iters} iterations; set a shorter warmup in the sweep's train")
+
+
+def iters(x):
+    """A budget in iterations, rounded up (not past a float's rounding error: 20.000000000000004 is 20)."""
+    return max(1, math.ceil(x - 1e-9 * x))
+
+
+def time_budget(sweep, calibration):
+    """The time budget in seconds: max_seconds, or time_of's tokens at its variant's calibrated tokens/s."""
+    if sweep["max_seconds"]:
+        return sweep["max_seconds"]
+    if sweep["time_of"] and calibration and sweep["time_of_label"] in calibration:
+        return sweep["time_of_tokens"] / calibration[sweep["time_of_label"]]
+    return None
+
+
+def check_grid(grid, where, reserved):
+    if not isinstance(grid, dict):
+        raise ValueError(f"{where}: grid={grid!r} must be a dict {{train.py key: [values]}}")
+    for key, values in grid.items():
+        if key in reserved or key in ("name", "grid"):
+            raise ValueError(f"{where}: grid axis {key!r} is set by the sweep per run")
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"{where}: grid axis {key!r} needs a non-empty list of values, got {values!r}")
+        if not all(isinstance(v, (bool, int, float, str)) for v in values):
+            raise ValueError(f"{where}: grid axis {key!r} takes numbers, strings or booleans, got {values!r}")
+        names = [value_name(v) for v in values]
+        if len(set(names)) != len(names) or not all(NAME.fullmatch(n) for n in names):
+            raise ValueError(f"{where}: grid axis {key!r} repeats a value or has one that cannot name a run "
+                             f"({values!r})")
 
 
 def parse_args(argv):
@@ -238,7 +372,8 @@ def parse_args(argv):
         if key is None or key in SWEEP_KEYS or a == "--help":
             sweep_argv.append(a)
         elif key in RESERVED:
-            hint = {"seed": "seeds", "out_dir": "out_root", "max_iters": "max_iters"}.get(key)
+            hint = {"seed": "seeds", "out_dir": "out_root", "max_iters": "max_iters", "budget": "max_tokens, "
+                    "max_flops or max_seconds"}.get(key)
             raise ValueError(f"{a}: the sweep sets {key} for every run" + (f"; use its {hint!r}" if hint else ""))
         elif "=" not in a:
             raise ValueError(f"argument {a!r}: write overrides as --key=value")
@@ -249,18 +384,26 @@ def parse_args(argv):
     sweep["cli_args"] = list(cli_train.values())
     if not sweep_argv or sweep_argv[0].startswith("--"):
         print("note: no sweep file given; using the defaults of scripts/sweep.py", file=sys.stderr)
-    if (sweep["max_iters"] > 0) == (sweep["max_tokens"] > 0) or min(sweep["max_iters"], sweep["max_tokens"]) < 0:
-        raise ValueError(f"set exactly one budget, max_iters or max_tokens, > 0 (got max_iters={sweep['max_iters']}, "
-                         f"max_tokens={sweep['max_tokens']})")
+    given = [k for k in BUDGETS if sweep[k]]
+    if len(given) != 1 or any(sweep[k] < 0 for k in BUDGETS if k != "time_of"):
+        raise ValueError(f"set exactly one budget, > 0: max_iters, max_tokens, max_flops, max_seconds or time_of "
+                         f"(got {', '.join(f'{k}={sweep[k]!r}' for k in BUDGETS if sweep[k]) or 'none'})")
     if sweep["nproc"] < 1:
         raise ValueError(f"nproc={sweep['nproc']} must be >= 1")
     if sweep["final_eval_tokens"] < 0:
         raise ValueError(f"final_eval_tokens={sweep['final_eval_tokens']} must be >= 0")
-    if not sweep["seeds"] or not all(type(s) is int for s in sweep["seeds"]):
-        raise ValueError(f"seeds={sweep['seeds']!r} must be a non-empty list of integers")
-    if len(set(sweep["seeds"])) != len(sweep["seeds"]):
-        raise ValueError(f"seeds={sweep['seeds']!r} repeats a seed")
+    if sweep["calibrate_iters"] < 3:
+        raise ValueError(f"calibrate_iters={sweep['calibrate_iters']} must be >= 3 (the first step is not timed)")
+    if not 0 <= sweep["min_lr_ratio"] <= 1:
+        raise ValueError(f"min_lr_ratio={sweep['min_lr_ratio']} must be in [0, 1]")
+    for key in ("seeds", "best_seeds"):
+        seeds = sweep[key]
+        if (not seeds and key == "seeds") or not all(type(s) is int for s in seeds):
+            raise ValueError(f"{key}={seeds!r} must be a {'non-empty ' if key == 'seeds' else ''}list of integers")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"{key}={seeds!r} repeats a seed")
     names = []
+    check_grid(sweep["grid"], "the sweep", RESERVED)
     for v in sweep["variants"]:
         if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not NAME.fullmatch(v["name"]):
             raise ValueError(f"variant {v!r}: each variant is a dict with a 'name' (letters, digits, _ . + -) and "
@@ -268,15 +411,29 @@ def parse_args(argv):
         bad = [k for k in v if k in RESERVED]
         if bad:
             raise ValueError(f"variant {v['name']!r} sets {bad}: the sweep sets these per run")
+        grid = v.get("grid", sweep["grid"])
+        check_grid(grid, f"variant {v['name']!r}", RESERVED)
+        both = sorted(set(grid) & (set(v) | set(cli_train)))
+        if both:
+            raise ValueError(f"variant {v['name']!r}: {both} is both a grid axis and set for every run; keep one")
         names.append(v["name"])
     if not names or len(set(names)) != len(names):
         raise ValueError(f"variants need distinct names (got {names})")
     bad = [k for k in sweep["train"] if k in RESERVED]
     if bad:
         raise ValueError(f"train sets {bad}: the sweep sets these per run (seeds, out_root, max_iters / max_tokens)")
+    if sweep["time_of"]:
+        variant, _, tokens = sweep["time_of"].partition(":")
+        try:
+            sweep["time_of_tokens"] = int(float(tokens.replace("_", "")))
+        except ValueError:
+            sweep["time_of_tokens"] = 0
+        if variant not in names or sweep["time_of_tokens"] <= 0:
+            raise ValueError(f"time_of={sweep['time_of']!r}: write 'VARIANT:TOKENS' with one of the variants "
+                             f"{names}, e.g. '{names[0]}:20000000'")
+        v = next(v for v in sweep["variants"] if v["name"] == variant)
+        sweep["time_of_label"] = Run(v, grid_points(v.get("grid", sweep["grid"]))[0], 0, sweep).label
     return sweep
-
-
 
 
 def post_evaluations(sweep):
@@ -380,35 +537,90 @@ def train_and_evaluate(run, k, n_todo, sweep, post, progress, pass_fds):
     return all([evaluate(run, kind, sweep, prefix, pass_fds) for kind in missing_evaluations(run, post)])
 
 
-def main(argv):
-    try:
-        sweep = parse_args(argv)
-    except ValueError as e:
-        sys.exit(f"sweep error: {e}")
-    runs = [Run(v, s, sweep) for v in sweep["variants"] for s in sweep["seeds"]]
-    patterns = [p for p in sweep["only"].split(",") if p]
-    selected = [r for r in runs if not patterns or any(fnmatch.fnmatch(r.name, p) for p in patterns)]
-    if not selected:
-        sys.exit(f"sweep error: only={sweep['only']!r} matches no run of {[r.name for r in runs]}")
-    resolve(selected, sweep)
-    lock_fd = None if sweep["dry_run"] else lock(sweep["out_root"])
-    try:
-        return run_sweep(sweep, runs, selected, patterns, lock_fd)
-    finally:
-        if lock_fd is not None:
-            os.close(lock_fd)
+def calibrate(runs, sweep, pass_fds, measure=True):
+    """{label: tokens/s} of the runs, from out_root/calibration.json; speeds not recorded there are measured (a
+    calibrate_iters-step train.py run in out_root/calibration/<label>) and recorded, unless measure is False."""
+    path = os.path.join(sweep["out_root"], "calibration.json")
+    records = json.load(open(path)) if os.path.exists(path) else []
+    rates = {}
+    for run in {run.label: run for run in runs}.values():
+        speed = run.speed(sweep)
+        record = next((r for r in records if r["speed"] == speed), None)
+        if record is None and measure:
+            record = measure_speed(run, speed, sweep, pass_fds)
+            records.append(record)
+            with open(path + ".tmp", "w") as f:
+                json.dump(records, f, indent=1)
+            os.replace(path + ".tmp", path)
+        if record is not None:
+            rates[run.label] = record["tokens_per_s"]
+    return rates
 
 
-def run_sweep(sweep, runs, selected, patterns, lock_fd):
-    post = post_evaluations(sweep)
-    pass_fds = (lock_fd,) if lock_fd is not None else ()
+def measure_speed(run, speed, sweep, pass_fds):
+    """One calibration: the run's training step for calibrate_iters steps on this machine (the first step,
+    compiled, is not timed); its tokens/s is tokens per iteration / the median step time."""
+    k, c = sweep["calibrate_iters"], run.config
+    out_dir = os.path.join(sweep["out_root"], "calibration", run.label)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)  # a measurement that did not finish
+    os.makedirs(out_dir)
+    cmd = python_cmd(sweep["nproc"], "train.py") + run.args + [
+        arg("max_iters", k), arg("lr_decay_iters", k), arg("eval_interval", k), arg("checkpoint_interval", k),
+        arg("keep_checkpoints", 1), arg("eval_tokens", c["block_size"] + 1), arg("log_interval", max(1, k // 6)),
+        arg("wandb_log", False), arg("budget", "calibration"), arg("out_dir", out_dir), arg("init_from", "scratch")]
+    print(f"calibrating {run.label}: {k} steps to measure its tokens/s for the time budget", flush=True)
+    code = stream(cmd, os.path.join(out_dir, "train.log"), lambda: f"[calibrate {run.label}] ", pass_fds=pass_fds)
+    steps = [r["dt_ms"] for r in read_metrics(out_dir) if "dt_ms" in r]
+    if code != 0 or len(steps) < 2:
+        raise SystemExit(f"the calibration of {run.label} failed (exit code {code}; see {out_dir}/train.log)")
+    for p in list_checkpoints(out_dir):  # only its log is kept
+        os.remove(p)
+    header = json.load(open(os.path.join(out_dir, "header.json")))
+    step_ms = statistics.median(steps)
+    return dict(label=run.label, tokens_per_s=run.info["tokens_per_iter"] / step_ms * 1000, step_ms=step_ms,
+                steps=k, device=f"{header['world_size']} x {header['device']}", git_commit=header["git_commit"],
+                time=header["time"], speed=speed)
+
+
+def best_point_runs(sweep, runs):
+    """The best_seeds runs: (runs, {variant: why not yet}). A variant's best grid point is the one with the lowest
+    mean final validation loss over `seeds` (scripts/compare.py's choice), once all of them have finished."""
+    from scripts.compare import best_point, find_runs, summarize
+    out, waiting = [], {}
+    for v in sweep["variants"]:
+        grid_runs = [r for r in runs if r.variant == v["name"]]
+        finals = {}
+        for r in grid_runs:
+            s = summarize(find_runs([r.out_dir])[0]) if os.path.isfile(os.path.join(r.out_dir, "header.json")) else None
+            if s is None or not s["complete"]:
+                waiting[v["name"]] = f"{r.name} has not finished"
+                break
+            finals.setdefault(r.label, (r.point, []))[1].append(s["final_val_loss"])
+        else:
+            label = best_point({k: losses for k, (_, losses) in finals.items()})
+            out += [Run(v, finals[label][0], seed, sweep) for seed in sweep["best_seeds"] if seed not in sweep["seeds"]]
+    return out, waiting
+
+
+def prepare(runs, sweep, post, pass_fds, dry_run):
+    """Budgets (calibrating a time budget's speeds unless dry_run), then each run's state; refuse run folders made
+    with other settings."""
+    calibration = None
+    if sweep["max_seconds"] or sweep["time_of"]:
+        calibration = calibrate(runs, sweep, pass_fds, measure=not dry_run)
+    set_budget(runs, sweep, calibration)
     conflicts = []
-    for run in selected:
+    for run in runs:
         header = os.path.join(run.out_dir, "header.json")
+        if run.max_iters is None:
+            run.status = "calibrate"  # a dry run before the calibration
+            continue
         if os.path.exists(header):
             then = {k: v for k, v in json.load(open(header))["config"].items() if k not in OPERATIONAL}
             now = run.spec()
-            diff = {k: (then.get(k), now.get(k)) for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)}
+            # a key the header lacks came with a newer train.py: not a different setting
+            diff = {k: (then.get(k), now.get(k)) for k in sorted(then) if then.get(k) != now.get(k)}
             if diff:
                 conflicts.append(f"  {run.out_dir}: {{setting: (then, now)}} {diff}")
         run.status = run.state(post)
@@ -416,32 +628,91 @@ def run_sweep(sweep, runs, selected, patterns, lock_fd):
         sys.exit("these run folders were made with other settings; use another out_root, or delete them:\n"
                  + "\n".join(conflicts))
 
-    print(f"sweep: {len(runs)} runs ({len(sweep['variants'])} variants x {len(sweep['seeds'])} seeds) in "
-          f"{sweep['out_root']}" + (f", {len(selected)} selected by only={sweep['only']!r}" if patterns else ""))
-    for run in selected:
+
+def describe(runs, sweep):
+    for run in runs:
         c = run.config
+        state = {"resume": f"resume from iteration {run.start_iter}", "scratch": "train", "evaluate": "evaluate",
+                 "done": "done", "calibrate": "train (its length comes from the calibration)"}[run.status]
+        if run.max_iters is None:
+            print(f"  {run.name:32s} {'?':>8} iterations {'?':>10} tokens   {state}")
+            continue
         tokens = run.max_iters * c["gradient_accumulation_steps"] * c["batch_size"] * c["block_size"]
-        state = {"resume": f"resume from iteration {run.start_iter}", "scratch": "train",
-                 "evaluate": "evaluate", "done": "done"}[run.status]
-        print(f"  {run.name:24s} {run.max_iters:>8,} iterations {tokens / 1e6:>10,.1f}M tokens   {state}")
+        print(f"  {run.name:32s} {run.max_iters:>8,} iterations {tokens / 1e6:>10,.1f}M tokens   {state}")
         if sweep["dry_run"]:
             print("    " + shlex.join(python_cmd(sweep["nproc"], "train.py") + run.train_args("scratch")))
-    if sweep["dry_run"]:
-        return 0
+
+
+def main(argv):
+    try:
+        sweep = parse_args(argv)
+    except ValueError as e:
+        sys.exit(f"sweep error: {e}")
+    runs = [Run(v, p, s, sweep) for v in sweep["variants"] for p in grid_points(v.get("grid", sweep["grid"]))
+            for s in sweep["seeds"]]
+    patterns = [p for p in sweep["only"].split(",") if p]
+    matches = lambda name: not patterns or any(fnmatch.fnmatch(name, p) for p in patterns)
+    selected = [r for r in runs if matches(r.name)]
+    later = [f"{r.label}_s{s}" for r in runs for s in sweep["best_seeds"]]  # the best point's runs, once known
+    if not selected and not any(matches(n) for n in later):
+        sys.exit(f"sweep error: only={sweep['only']!r} matches no run of {[r.name for r in runs]}"
+                 + (f" (nor of the best points' seeds {sweep['best_seeds']})" if later else ""))
+    helpers = []  # resolved for the budget only: time_of's variant
+    if sweep["time_of"] and not any(r.label == sweep["time_of_label"] for r in selected):
+        helpers = [next(r for r in runs if r.label == sweep["time_of_label"])]
+    resolve(selected + helpers, sweep)
+    lock_fd = None if sweep["dry_run"] else lock(sweep["out_root"])
+    try:
+        return run_sweep(sweep, runs, selected, helpers, matches, lock_fd)
+    finally:
+        if lock_fd is not None:
+            os.close(lock_fd)
+
+
+def run_sweep(sweep, runs, selected, helpers, matches, lock_fd):
+    post = post_evaluations(sweep)
+    pass_fds = (lock_fd,) if lock_fd is not None else ()
 
     def on_stop(signum, frame):
         raise Stop
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    todo = [r for r in selected if r.status != "done"]
-    progress = dict(done=0, t0=time.time(),
-                    total=sum(r.max_iters - r.start_iter for r in todo if r.status in ("resume", "scratch")))
-    failed, interrupted = [], False
-    try:
+    if not sweep["dry_run"]:
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGINT, on_stop)
+    n_points = sum(len(grid_points(v.get("grid", sweep["grid"]))) for v in sweep["variants"])
+    grid_note = f" x {n_points // len(sweep['variants'])} grid points" if n_points > len(sweep["variants"]) else ""
+    if n_points % len(sweep["variants"]):
+        grid_note = f", {n_points} grid points in all"
+    failed, interrupted, best_runs = [], False, []
+    progress = dict(done=0, t0=time.time(), total=0)
+
+    def train_all(todo):
+        progress["total"] += sum(r.max_iters - r.start_iter for r in todo if r.status in ("resume", "scratch"))
         for k, run in enumerate(todo, 1):
             if not train_and_evaluate(run, k, len(todo), sweep, post, progress, pass_fds):
                 run.status = "failed"
                 failed.append(run)
+    try:
+        prepare(selected + helpers, sweep, post, pass_fds, sweep["dry_run"])
+        print(f"sweep: {len(runs)} runs ({len(sweep['variants'])} variants{grid_note} x {len(sweep['seeds'])} seeds) "
+              f"in {sweep['out_root']}" + (f", {len(selected)} selected by only={sweep['only']!r}" if sweep["only"]
+                                           else ""))
+        describe(selected, sweep)
+        if sweep["best_seeds"]:
+            print(f"  then seeds {sweep['best_seeds']} at each variant's best grid point, once its grid has finished")
+        if sweep["dry_run"]:
+            return 0
+        train_all([r for r in selected if r.status != "done"])
+        if sweep["best_seeds"]:
+            best_runs, waiting = best_point_runs(sweep, runs)
+            best_runs = [r for r in best_runs if matches(r.name)]
+            for variant, why in waiting.items():
+                print(f"{variant}: its best grid point is not known yet ({why}); its seeds {sweep['best_seeds']} wait")
+            if best_runs:
+                resolve(best_runs, sweep)
+                prepare(best_runs, sweep, post, pass_fds, False)
+                print(f"at each variant's best grid point: {len(best_runs)} runs")
+                describe(best_runs, sweep)
+                train_all([r for r in best_runs if r.status != "done"])
     except Stop:
         interrupted = True
         print("\nsweep interrupted: run the same command again to continue where it stopped", flush=True)
@@ -449,17 +720,18 @@ def run_sweep(sweep, runs, selected, patterns, lock_fd):
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
+    everything = runs + [r for r in best_runs if r.name not in {x.name for x in runs}]
     if sweep["report"] and not interrupted:
         from scripts.compare import find_runs, write_report
-        folders = [r.out_dir for r in runs if os.path.exists(os.path.join(r.out_dir, "header.json"))]
+        folders = [r.out_dir for r in everything if os.path.exists(os.path.join(r.out_dir, "header.json"))]
         if folders:
             out = os.path.join(sweep["out_root"], "report")
             write_report(find_runs(folders), out, reference=sweep["reference"])
             print(f"report: {out}/report.md")
     print("\n| run | state | final val loss |\n|---|---|---|")
-    for run in runs:
+    for run in everything:
         val = [r["val_loss"] for r in read_metrics(run.out_dir) if "val_loss" in r]
-        state = run.status if run in selected else "not selected"
+        state = run.status if run in selected or run in best_runs else "not selected"
         print(f"| {run.name} | {state} | " + (f"{val[-1]:.4f} |" if val else "- |"))
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}; fix the cause and run the same "

@@ -5,6 +5,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -90,7 +91,8 @@ def test_sweep_writes_a_report(full_sweep):
     assert [row.split(" | ")[0].strip("|* ") for row in table[2:]] == ["mha", "tpa"]
     for row in table[2:]:
         assert "2 (1, 2)" in row and " ± " in row  # two seeds and their spread
-    assert "(paired, 2 seeds)" in table[3]  # tpa's difference to mha
+    assert table[3].count("[") == 1  # tpa's difference to mha, with its interval
+    assert "(paired, 2 seeds) | tpa_s1, tpa_s2; mha_s1, mha_s2 |" in report  # the differences table names the runs
     for png in ("val_loss_tokens", "val_loss_time", "val_loss_flops", "train_loss"):
         path = os.path.join(out, "report", png + ".png")
         assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n" and os.path.getsize(path) > 10000
@@ -189,7 +191,14 @@ def test_sweep_refuses_bad_settings_before_training(full_sweep, data_dir, tmp_pa
              (["--variants=[{'name': 'a', 'attn': 'mha'}, {'name': 'a', 'attn': 'tpa'}]"], "distinct names"),
              (["--variants=[{'name': 'x', 'attn': 'tpaa'}]"], "train.py refuses its settings: config error: "),
              (["--only=nothing*"], "matches no run"),
-             (["--max_iters=3"], "warmup_iters=4 exceeds the budget of 3 iterations")]
+             (["--max_iters=3"], "warmup_iters=4 exceeds the budget of 3 iterations"),
+             (["--max_iters=0", "--time_of=gpt:1000"], "write 'VARIANT:TOKENS' with one of the variants"),
+             (["--grid={'learning_rate': 0.001}"], "grid axis 'learning_rate' needs a non-empty list"),
+             (["--grid={'seed': [1, 2]}"], "grid axis 'seed' is set by the sweep per run"),
+             (["--grid={'learning_rate': [1e-3, 0.001]}"], "repeats a value"),
+             (["--grid={'learning_rate': [1e-3]}", "--learning_rate=1e-3"], "is both a grid axis and set"),
+             (["--best_seeds=[2, 2]"], "best_seeds=[2, 2] repeats a seed"),
+             (["--data_dir=" + os.path.join(data_dir, "missing")], "data error for mha, tpa: no *_train_NNNNNN.bin")]
     for extra, message in cases:
         code, _, err = sweep(out, data_dir, *extra, check=False)
         assert code != 0 and message in err, (extra, err)
@@ -231,7 +240,184 @@ def test_compare_runs_of_different_lengths(full_sweep, tmp_path):
     assert "val loss at 2.6K tokens" in text
     at20 = {n: next(r["val_loss"] for r in records(os.path.join(ref, n), "val_loss") if r["iter"] == 20) for n in RUNS}
     d = np.array([at20["tpa_s1"] - at20["mha_s1"], at20["tpa_s2"] - at20["mha_s2"]])
-    assert f"{d.mean():+.4f} ± {d.std(ddof=1):.4f} (paired, 2 seeds)" in text
+    half = 12.7062 * d.std(ddof=1) / np.sqrt(2)  # Student's t, 1 degree of freedom, 97.5%
+    assert f"{d.mean():+.4f} [{d.mean() - half:+.4f}, {d.mean() + half:+.4f}]" in text and "(paired, 2 seeds)" in text
     summary = json.load(open(tmp_path / "report" / "summary.json"))
     assert {r["name"]: r["complete"] for r in summary["runs"]} == dict(mha_s1=True, mha_s2=True, tpa_s1=True,
                                                                        tpa_s2=False)
+
+
+def test_grid_runs_are_named_by_their_settings():
+    """variants x grid points x seeds; a variant's own grid replaces the sweep's; min_lr follows a learning_rate
+    axis (min_lr_ratio) unless it is set; the names say the settings."""
+    sweep = sweep_script.parse_args(["config/sweeps/tiny_cpu.py", "--grid={'learning_rate': [3e-4, 1e-3]}",
+                                     "--seeds=[1, 2]", "--min_lr_ratio=0.05", "--variants=["
+                                     "{'name': 'mha', 'attn': 'mha'}, {'name': 'tpa', 'attn': 'tpa', 'grid': "
+                                     "{'tpa_init': ['official', 'xavier'], 'learning_rate': [6e-4]}},"
+                                     "{'name': 'gqa', 'attn': 'gqa', 'min_lr': 1e-5}]"])
+    runs = [sweep_script.Run(v, p, s, sweep) for v in sweep["variants"]
+            for p in sweep_script.grid_points(v.get("grid", sweep["grid"])) for s in sweep["seeds"]]
+    assert [r.name for r in runs] == [
+        "mha_lr3e-4_s1", "mha_lr3e-4_s2", "mha_lr1e-3_s1", "mha_lr1e-3_s2",
+        "tpa_tpa_init-official_lr6e-4_s1", "tpa_tpa_init-official_lr6e-4_s2",
+        "tpa_tpa_init-xavier_lr6e-4_s1", "tpa_tpa_init-xavier_lr6e-4_s2",
+        "gqa_lr3e-4_s1", "gqa_lr3e-4_s2", "gqa_lr1e-3_s1", "gqa_lr1e-3_s2"]
+    args = lambda name: next(r.args for r in runs if r.name == name)
+    assert "--learning_rate=0.001" in args("mha_lr1e-3_s2") and "--min_lr=5e-05" in args("mha_lr1e-3_s2")
+    assert "--tpa_init=xavier" in args("tpa_tpa_init-xavier_lr6e-4_s1") and "--min_lr=3e-05" in args(
+        "tpa_tpa_init-xavier_lr6e-4_s1")
+    last_min_lr = lambda name: [a for a in args(name) if a.startswith("--min_lr=")][-1]  # the last one wins
+    assert last_min_lr("gqa_lr1e-3_s1") == "--min_lr=1e-05" and last_min_lr("mha_lr3e-4_s1") == "--min_lr=1.5e-05"
+    assert [sweep_script.value_name(v) for v in (6e-4, 2.5e-4, 0.1, 1e-2, 50, 1.5e5, "xavier", True)] == [
+        "6e-4", "2.5e-4", "0.1", "0.01", "50", "1.5e5", "xavier", "True"]
+
+
+def test_statistics_against_hand_computed_cases():
+    """Paired: differences 0.1, 0.2, 0.3 (mean 0.2, sd 0.1, 2 degrees of freedom, where Student's t has the closed
+    form F(t) = 1/2 + t / (2 sqrt(2 + t^2))): t = 0.2 / (0.1 / sqrt 3) = sqrt 12, p = 1 - sqrt(12 / 14) = 0.07418;
+    the interval 0.2 -+ 4.3027 x 0.1 / sqrt 3; with 4 seeds 3.1824 x 0.1 / 2 = 0.159 < 0.2 (3: 0.248): 4 seeds.
+    Welch: [0, 2] against [5, 5, 5] (no spread): se = 1, 1 degree of freedom (Cauchy): t = 4, p = 1 - 2 atan(4) / pi."""
+    d = compare.difference_stats({1: 1.1, 2: 1.2, 3: 1.3, 9: 7.0}, {1: 1.0, 2: 1.0, 3: 1.0, 8: 0.0})
+    assert d["mean"] == pytest.approx(0.2) and d["how"] == "paired, 3 seeds"
+    assert d["p"] == pytest.approx(1 - np.sqrt(12 / 14), rel=1e-6)
+    assert (d["lo"], d["hi"]) == pytest.approx((0.2 - 4.302653 * 0.1 / np.sqrt(3), 0.2 + 4.302653 * 0.1 / np.sqrt(3)))
+    assert d["seeds_needed"] == 4
+    text = compare.fmt_difference(d)
+    assert "p = 0.074, not significant; ~4 seeds would resolve it (paired, 3 seeds)" in text
+    w = compare.difference_stats({1: 0.0, 2: 2.0}, {3: 5.0, 4: 5.0, 5: 5.0})
+    assert w["mean"] == pytest.approx(-4.0) and w["how"] == "unpaired, 2 and 3 seeds"
+    assert w["p"] == pytest.approx(1 - 2 * np.arctan(4) / np.pi, rel=1e-6)
+    assert (w["lo"], w["hi"]) == pytest.approx((-4 - 12.706205, -4 + 12.706205), rel=1e-6)
+    one = compare.difference_stats({1: 1.0}, {1: 0.5})
+    assert one["mean"] == 0.5 and one["lo"] is None and "no interval" in compare.fmt_difference(one)
+    strong = compare.difference_stats({1: 1.0, 2: 1.1, 3: 1.05}, {1: 0.0, 2: 0.1, 3: 0.0})
+    assert strong["p"] < 0.05 and "not significant" not in compare.fmt_difference(strong)
+
+
+def test_spikes_are_flagged():
+    """The jump rules: a window's largest gradient norm over 4x the median of the earlier windows' (the first
+    window only as history), or a window's mean loss 0.1 above the previous one's."""
+    norms = [8.8, 1.2, 1.1, 1.3, 1.2, 5.0, 1.0]
+    train = [dict(iter=10 * (i + 1), loss_avg=7 - 0.1 * i, grad_norm=g, grad_norm_max=g) for i, g in enumerate(norms)]
+    assert [it for it, _ in compare.spikes(train)] == [60]  # 5.0 > 4 x 1.2; 8.8 at the first window is not judged
+    train[6]["grad_norm_max"] = 5.5  # a step inside the window spiked, the last did not (1.0)
+    train[3]["loss_avg"] = train[2]["loss_avg"] + 0.15
+    found = compare.spikes(train)
+    assert [it for it, _ in found] == [40, 60, 70] and "training loss up 0.150" in found[0][1]
+    assert compare.spikes([dict(iter=10, loss=5.0)]) == []  # older logs without the fields
+
+
+def fake_run(root, name, variant, seed, lr, final, budget="tokens=1000", grad=None, complete=True):
+    """A run folder with what train.py writes (header.json, metrics.jsonl): 10 iterations, evaluations at 0, 5
+    and 10 (the last one `final`), log windows every 2 iterations."""
+    path = os.path.join(root, name)
+    os.makedirs(path)
+    config = dict(variant=variant, seed=seed, learning_rate=lr, min_lr=lr / 10, max_iters=10, lr_decay_iters=10,
+                  budget=budget, gradient_accumulation_steps=1, batch_size=4, block_size=25, warmup_iters=1)
+    json.dump(dict(config=config, model_config=dict(attn=variant), params=1000, tokens_per_iter=100,
+                   flops_per_token=6000, device="cpu", world_size=1), open(os.path.join(path, "header.json"), "w"))
+    grads = grad or [1.0] * 5
+    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+        for it, v in ((0, 9.0), (5, final + 1.0), (10, final)):
+            if complete or it < 10:
+                f.write(json.dumps(dict(iter=it, val_loss=v)) + "\n")
+        for k, g in enumerate(grads):
+            f.write(json.dumps(dict(iter=2 * k + 2, loss=6 - k * 0.1, loss_avg=6 - k * 0.1, grad_norm=g,
+                                    grad_norm_max=g, dt_ms=10.0)) + "\n")
+
+
+def test_best_learning_rate_the_edge_flag_and_the_fit(tmp_path):
+    """Each variant is reported at its lowest mean final loss over seeds; a best LR at the grid's edge is flagged;
+    the quadratic in log LR has its optimum inside the grid; the runs used are named; spikes are counted."""
+    losses = {"mha": {1e-4: 5.2, 3e-4: 5.0, 1e-3: 5.1}, "tpa": {1e-4: 5.3, 3e-4: 5.1, 1e-3: 4.9}}
+    for variant, by_lr in losses.items():
+        for lr, loss in by_lr.items():
+            for seed, noise in ((1, 0.0), (2, 0.02)):
+                grad = [1.0, 1.0, 1.0, 9.0, 1.0] if (variant, lr, seed) == ("tpa", 1e-3, 2) else None
+                fake_run(tmp_path / "runs", f"{variant}_lr{lr:g}_s{seed}", variant, seed, lr, loss + noise, grad=grad)
+    text = compare.write_report(compare.find_runs([str(tmp_path / "runs")]), str(tmp_path / "report"))
+    summary = json.load(open(tmp_path / "report" / "summary.json"))
+    assert summary["groups"]["mha"]["best_point"] == "lr=3e-4" and summary["groups"]["tpa"]["best_point"] == "lr=1e-3"
+    assert summary["groups"]["mha"]["edge"] is None and summary["groups"]["tpa"]["edge"] == "largest"
+    assert "lr=1e-3 (of 3) ⚠ the largest LR of its grid: widen the grid" in text
+    assert summary["groups"]["tpa"]["runs"] == ["tpa_lr0.001_s1", "tpa_lr0.001_s2"]
+    # a parabola through (log 1e-4, 5.21), (log 3e-4, 5.01), (log 1e-3, 5.11): its minimum lies between the points
+    x, y = np.log10([1e-4, 3e-4, 1e-3]), [5.21, 5.01, 5.11]
+    c = np.polyfit(x, y, 2)
+    assert summary["budgets"][0]["lr_optimum"]["mha -"] == pytest.approx(10 ** (-c[1] / (2 * c[0])))
+    assert "| tpa | 5.3100 ± 0.0141 (2) | 5.1100 ± 0.0141 (2) | **4.9100 ± 0.0141 (2) ⚠1 spiking** |" in text
+    assert "tpa − mha: -0.1000" in text and "tpa_lr0.001_s2 | tpa | lr=1e-3 | 8: gradient norm 9" in text
+    assert open(tmp_path / "report" / "lr_sensitivity.png", "rb").read(4) == b"\x89PNG"
+    assert "Equal tokens" not in text  # one budget: no budget headings
+    # a second budget gets its own section, and a partial run is never a best point
+    for seed in (1, 2):
+        fake_run(tmp_path / "time", f"mha_s{seed}", "mha", seed, 3e-4, 5.0, budget="seconds=60")
+        fake_run(tmp_path / "time", f"tpa_s{seed}", "tpa", seed, 1e-3, 4.95 + seed / 100, budget="seconds=60")
+    fake_run(tmp_path / "runs", "mha_lr0.003_s1", "mha", 1, 3e-3, 4.0, complete=False)
+    text = compare.write_report(compare.find_runs([str(tmp_path / "runs"), str(tmp_path / "time")]),
+                                str(tmp_path / "both"))
+    assert "## Equal tokens (1.0K)" in text and "## Equal training time (60.0 s)" in text
+    assert os.path.exists(tmp_path / "both" / "val_loss_time_seconds.png")
+    summary = json.load(open(tmp_path / "both" / "summary.json"))
+    assert [b["groups"]["mha"]["best_point"] for b in summary["budgets"]] == ["lr=3e-4", "-"]
+    assert summary["budgets"][1]["leader"] == "tpa"
+
+
+def test_tiny_preset_with_a_two_point_lr_grid_end_to_end(data_dir, tmp_path):
+    """A learning-rate grid with a further seed at the best point: the grid runs, then the best point's seed, then
+    the report's grid table and LR plot; a rerun trains nothing."""
+    out = str(tmp_path / "sweep")
+    args = ["--grid={'learning_rate': [1e-3, 3e-3]}", "--seeds=[1]", "--best_seeds=[2]", "--max_iters=12",
+            "--only=tpa_*"]
+    code, stdout, _ = sweep(out, data_dir, *args)
+    finals = {lr: records(os.path.join(out, f"tpa_lr{lr}_s1"), "val_loss")[-1]["val_loss"] for lr in ("1e-3", "3e-3")}
+    best = min(finals, key=finals.get)
+    assert set(os.listdir(out)) == {".sweep.lock", "report", f"tpa_lr{best}_s2", "tpa_lr1e-3_s1", "tpa_lr3e-3_s1"}
+    assert f"at each variant's best grid point: 1 runs\n  tpa_lr{best}_s2" in stdout
+    header = json.load(open(os.path.join(out, f"tpa_lr{best}_s2", "header.json")))["config"]
+    assert header["seed"] == 2 and header["min_lr"] == pytest.approx(header["learning_rate"] * 0.1)
+    assert header["budget"] == "iters=12"
+    report = open(os.path.join(out, "report", "report.md")).read()
+    assert "## Learning-rate grid" in report and "widen the grid" in report and "| tpa | " in report
+    assert f"lr={best} (of 2)" in report and os.path.exists(os.path.join(out, "report", "lr_sensitivity.png"))
+    code, stdout, _ = sweep(out, data_dir, *args)  # nothing left to do
+    assert all(len(launches(os.path.join(out, n))) == 1 for n in os.listdir(out) if n.startswith("tpa_"))
+    assert stdout.count("   done") == 3
+
+
+def test_flops_and_time_budgets(data_dir, tmp_path):
+    """max_flops: each variant trains max_flops / its FLOPs per token. time_of: a calibration per variant, recorded
+    in calibration.json, sets each run's length; the rerun reuses it (no second calibration, nothing retrained)."""
+    sw = sweep_script.parse_args(sweep_cmd(str(tmp_path / "flops"), data_dir, "--max_iters=0", "--max_flops=1e9",
+                                           "--seeds=[1]")[3:])
+    runs = [sweep_script.Run(v, {}, 1, sw) for v in sw["variants"]]
+    cwd = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        sweep_script.resolve(runs, sw)  # the dry runs (train.py's FLOPs per token), the data check, the budget
+    finally:
+        os.chdir(cwd)
+    for run in runs:
+        want = int(np.ceil(1e9 / (run.info["flops_per_token"] * run.info["tokens_per_iter"])))
+        assert run.max_iters == want and run.budget == "flops=1e+09"
+    assert runs[0].max_iters != runs[1].max_iters  # T6 spends more FLOPs per token than MHA at this size
+
+    out = str(tmp_path / "time")
+    args = ["--max_iters=0", "--time_of=mha:2560", "--calibrate_iters=6", "--seeds=[1]"]
+    code, stdout, _ = sweep(out, data_dir, *args)
+    calibration = json.load(open(os.path.join(out, "calibration.json")))
+    rate = {c["label"]: c["tokens_per_s"] for c in calibration}
+    assert sorted(rate) == ["mha", "tpa"] and all(c["steps"] == 6 and c["device"] == "1 x cpu" for c in calibration)
+    seconds = 2560 / rate["mha"]
+    for v in ("mha", "tpa"):
+        config = json.load(open(os.path.join(out, f"{v}_s1", "header.json")))["config"]
+        assert config["max_iters"] == sweep_script.iters(seconds * rate[v] / 128) and config["lr_decay_iters"] == config["max_iters"]
+        assert config["budget"] == f"seconds={seconds:.6g}"
+        assert not [f for f in os.listdir(os.path.join(out, "calibration", v)) if f.endswith(".pt")]  # logs only
+    assert json.load(open(os.path.join(out, "mha_s1", "header.json")))["config"]["max_iters"] == 20  # 2560 / 128
+    before = open(os.path.join(out, "calibration.json")).read()
+    code, stdout, _ = sweep(out, data_dir, *args)
+    assert "calibrating" not in stdout and stdout.count("   done") == 2
+    assert open(os.path.join(out, "calibration.json")).read() == before
+    assert len(launches(os.path.join(out, "calibration", "mha"))) == 1
+    assert "Equal training time" not in open(os.path.join(out, "report", "report.md")).read()  # one budget
