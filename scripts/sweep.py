@@ -66,6 +66,7 @@ seeds = [1337]  # every variant runs once per seed (model init and data order)
 grid = {}  # {train.py key: [values]}: every variant runs every combination (a variant's own 'grid' replaces it)
 min_lr_ratio = 0.1  # on a learning_rate axis, min_lr = learning_rate x this (unless min_lr is set otherwise)
 best_seeds = []  # further seeds, run at each variant's best grid point once its grid (over `seeds`) has finished
+best_from = ""  # another sweep's out_root: each variant runs at its best grid point there (replacing its grid)
 # the budget, one of:
 max_iters = 0  # optimizer steps
 max_tokens = 0  # tokens (rounded up to whole iterations)
@@ -297,7 +298,8 @@ def check_data(runs):
                     read_header(path)
         except (FileNotFoundError, ValueError) as e:
             users = sorted({run.label for run in runs if run.config["data_dir"] == data_dir})
-            raise SystemExit(f"data error for {', '.join(users)}: {e}")
+            who = ", ".join(users[:4]) + (f" and {len(users) - 4} more" if len(users) > 4 else "")
+            raise SystemExit(f"data error for {who}: {e}")
 
 
 def resolve(runs, sweep, calibration=None):
@@ -363,6 +365,28 @@ def check_grid(grid, where, reserved):
                              f"({values!r})")
 
 
+def take_best_points(sweep):
+    """best_from: each variant's grid becomes its best point in that sweep (scripts/compare.py's choice over the
+    finished runs of the variant there), e.g. a time budget run at the learning rates a token budget found."""
+    from scripts.compare import analyse_group, find_runs, summarize
+    try:
+        found = [summarize(r) for r in find_runs([sweep["best_from"]])]
+    except ValueError as e:
+        raise ValueError(f"best_from: {e}") from None
+    for v in sweep["variants"]:
+        runs = [s for s in found if s["variant"] == v["name"]]
+        unfinished = [s["name"] for s in runs if not s["complete"]]
+        if not runs or unfinished:
+            raise ValueError(f"best_from={sweep['best_from']!r}: variant {v['name']!r} has "
+                             + (f"unfinished runs there ({', '.join(unfinished)})" if runs else "no runs there")
+                             + "; finish that sweep first (it resumes), or leave the variant out")
+        group = analyse_group(runs)
+        best = group["runs"][0]["config"]
+        v["grid"] = {k: [best[k]] for k in group["axes"]}
+        print(f"{v['name']}: at its best point in {sweep['best_from']}: {group['best']} (runs "
+              f"{', '.join(s['name'] for s in group['runs'])})", file=sys.stderr)
+
+
 def parse_args(argv):
     """Split argv into the sweep's own settings (strict) and train.py keys for every run."""
     defaults = {k: globals()[k] for k in SWEEP_KEYS}
@@ -422,6 +446,8 @@ def parse_args(argv):
     bad = [k for k in sweep["train"] if k in RESERVED]
     if bad:
         raise ValueError(f"train sets {bad}: the sweep sets these per run (seeds, out_root, max_iters / max_tokens)")
+    if sweep["best_from"]:
+        take_best_points(sweep)
     if sweep["time_of"]:
         variant, _, tokens = sweep["time_of"].partition(":")
         try:
@@ -548,6 +574,11 @@ def calibrate(runs, sweep, pass_fds, measure=True):
         record = next((r for r in records if r["speed"] == speed), None)
         if record is None and measure:
             record = measure_speed(run, speed, sweep, pass_fds)
+            others = sorted({r["device"] for r in records} - {record["device"]})
+            if others:  # a time budget compares speeds measured on one kind of machine only
+                raise SystemExit(f"{path} holds calibrations measured on {', '.join(others)}, but this machine is "
+                                 f"{record['device']}: run this sweep where those were measured, or start it anew "
+                                 f"in another out_root")
             records.append(record)
             with open(path + ".tmp", "w") as f:
                 json.dump(records, f, indent=1)
@@ -679,9 +710,7 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd):
         signal.signal(signal.SIGTERM, on_stop)
         signal.signal(signal.SIGINT, on_stop)
     n_points = sum(len(grid_points(v.get("grid", sweep["grid"]))) for v in sweep["variants"])
-    grid_note = f" x {n_points // len(sweep['variants'])} grid points" if n_points > len(sweep["variants"]) else ""
-    if n_points % len(sweep["variants"]):
-        grid_note = f", {n_points} grid points in all"
+    grid_note = f", {n_points} grid points" if n_points > len(sweep["variants"]) else ""
     failed, interrupted, best_runs = [], False, []
     progress = dict(done=0, t0=time.time(), total=0)
 

@@ -421,3 +421,19 @@ def test_flops_and_time_budgets(data_dir, tmp_path):
     assert open(os.path.join(out, "calibration.json")).read() == before
     assert len(launches(os.path.join(out, "calibration", "mha"))) == 1
     assert "Equal training time" not in open(os.path.join(out, "report", "report.md")).read()  # one budget
+
+
+def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path):
+    for variant, by_lr in {"mha": {3e-4: 5.1, 1e-3: 5.0}, "tpa": {3e-4: 4.9, 1e-3: 5.0}}.items():
+        for lr, loss in by_lr.items():
+            fake_run(tmp_path / "lr", f"{variant}_lr{lr:g}_s1", variant, 1, lr, loss)
+    sw = sweep_script.parse_args(["config/sweeps/tiny_cpu.py", "--max_iters=0", "--time_of=mha:2560",
+                                  f"--best_from={tmp_path / 'lr'}", "--seeds=[1, 2]"])
+    assert [v["grid"] for v in sw["variants"]] == [{"learning_rate": [1e-3]}, {"learning_rate": [3e-4]}]
+    assert sw["time_of_label"] == "mha_lr1e-3"
+    fake_run(tmp_path / "lr", "tpa_lr0.003_s1", "tpa", 1, 3e-3, 4.0, complete=False)
+    with pytest.raises(ValueError, match=r"variant 'tpa' has unfinished runs there \(tpa_lr0.003_s1\)"):
+        sweep_script.parse_args(["config/sweeps/tiny_cpu.py", f"--best_from={tmp_path / 'lr'}"])
+    with pytest.raises(ValueError, match="variant 'gqa' has no runs there"):
+        sweep_script.parse_args(["config/sweeps/tiny_cpu.py", f"--best_from={tmp_path / 'lr'}",
+                                 "--variants=[{'name': 'gqa', 'attn': 'gqa'}]"])
