@@ -2,7 +2,7 @@
 Compare training runs: each variant at its best grid point (learning rate), with intervals and p-values against
 a reference, the LR sensitivity, instabilities, data efficiency, plots, and how to reproduce it all.
 
-    python -m scripts.compare out/sweep_wiki                          # every run folder in it
+    python -m scripts.compare out/sweep_wiki_lr                       # every run folder in it
     python -m scripts.compare out/sweep_lr out/sweep_time --out=reports/wiki   # two budgets, one report
     python -m scripts.compare out/sweep/*_s1337 out/other/tpa_s1337 --group_by=attn --reference=mha
 

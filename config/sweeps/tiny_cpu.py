@@ -1,6 +1,6 @@
 # The sweep machinery on a CPU in about a minute: 2 variants x 2 seeds of a tiny model on tiny Shakespeare
 # (python data/prepare.py shakespeare first). It shows how a sweep, its resume and its report work; the
-# numbers say nothing about the mechanisms (see wiki_1gpu.py and small_fineweb.py for that). The tests run it.
+# numbers say nothing about the mechanisms (see wiki_lr.py and small_fineweb.py for that). The tests run it.
 base = "config/quickstart.py"
 variants = [dict(name="mha", attn="mha"), dict(name="tpa", attn="tpa")]
 seeds = [1, 2]
