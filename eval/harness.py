@@ -28,6 +28,9 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
+if __package__ in (None, ""):  # run as `python eval/harness.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 PAPER_TASKS = {  # task -> the paper's metric (Tables 2-3, 11-16)
     "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "boolq": "acc", "hellaswag": "acc_norm",
     "openbookqa": "acc_norm", "piqa": "acc_norm", "winogrande": "acc", "mmlu": "acc", "sciq": "acc_norm",

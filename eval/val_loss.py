@@ -24,6 +24,8 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
+if __package__ in (None, ""):  # run as `python eval/val_loss.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from data.loader import ValSet
 
 

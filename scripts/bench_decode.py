@@ -21,6 +21,7 @@ import argparse
 import csv
 import math
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -29,6 +30,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
+if __package__ in (None, ""):  # run as `python scripts/bench_decode.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
 
 DT = torch.bfloat16

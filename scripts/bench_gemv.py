@@ -7,11 +7,15 @@ weight's bytes over the time, with the device-to-device copy bandwidth measured 
 """
 
 import argparse
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
+if __package__ in (None, ""):  # run as `python scripts/bench_gemv.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels import linear_one_row
 from model import GPT, model_config
 

@@ -17,9 +17,12 @@ run. Also: the largest context whose cache fits the GPU at B=16 (computed, then 
 import argparse
 import json
 import os
+import sys
 
 import torch
 
+if __package__ in (None, ""):  # run as `python scripts/bench_generate.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import KVCache, compiled_decode_step, cuda_graph_step, fused_decode_ok, fused_decode_step
 from model import GPT, model_config
 from scripts.bench_decode import copy_bandwidth

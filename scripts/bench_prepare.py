@@ -13,12 +13,15 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
 
 import psutil
 
+if __package__ in (None, ""):  # run as `python scripts/bench_prepare.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data.prepare as prep
 
 

@@ -19,6 +19,9 @@ import statistics
 import subprocess
 import sys
 
+if __package__ in (None, ""):  # run as `python scripts/bench_train.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 
 def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum=1):
     out_dir = os.path.join(out_root, f"{config}_mb{micro_batch}_x{nproc}" + (f"_ga{grad_accum}" if grad_accum > 1 else ""))

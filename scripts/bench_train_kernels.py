@@ -14,10 +14,14 @@ is the big tensors' bytes: the (B, H, T, D) output and its gradient, x and y, th
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 from triton.testing import do_bench_cudagraph
 
+if __package__ in (None, ""):  # run as `python scripts/bench_train_kernels.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels import apply_rope, cross_entropy_loss, tpa_materialize
 from model import rope_tables
 

@@ -16,10 +16,13 @@ part 2 checks the plain launch only.
 """
 
 import argparse
+import os
 import sys
 
 import torch
 
+if __package__ in (None, ""):  # run as `python scripts/check_decode.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels.dispatch import PDL_OFF, pdl_supported
 from tpa_kernels.flashtpa import flashtpa_decode_triton
 from tpa_kernels.gemv import linear_one_row

@@ -27,6 +27,9 @@ import tempfile
 import torch
 import triton
 
+if __package__ in (None, ""):  # run as `python scripts/check_targets.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 # per-block shared memory (opt-in maximum) and registers per SM, from the CUDA programming guide's tables
 TARGETS = {70: ("V100", 98304, 65536), 75: ("T4 / RTX 20xx", 65536, 65536), 80: ("A100", 166912, 65536), 86: ("RTX 3090 / A10", 101376, 65536),
            89: ("RTX 4090 / L4 / L40S", 101376, 65536), 90: ("H100 / H200", 232448, 65536)}

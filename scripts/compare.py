@@ -42,9 +42,13 @@ import os
 import re
 import shlex
 import statistics
+import sys
 import time
 
 import numpy as np
+
+if __package__ in (None, ""):  # run as `python scripts/compare.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SPIKE_GRAD = 4.0  # a window's largest gradient norm above this many times the median of the earlier windows'
 SPIKE_LOSS = 0.1  # a window's mean training loss above the previous window's by more than this (nats)

@@ -3,7 +3,8 @@ Checkpoints in and out of this repository: to Hugging Face transformers and back
 
     python -m scripts.convert --to=hf out/small_tpa hf/small_tpa          # a run folder or ckpt_*.pt -> a HF folder
     python -m scripts.convert --from=hf hf/small_tpa out/small_tpa_ft     # a HF folder -> a run folder
-    python -m scripts.convert --from=official tpa_official/ckpt.pt out/t6_official
+    python -m scripts.convert --from=official output/out_T6_124m_Opt_adamw_... out/t6_official   # the trainer's folder
+    python -m scripts.convert --from=official output/out_T6_124m_.../checkpoint-5000 out/t6_5k   # or ckpt.pt, or weights
 
 --to=hf writes what `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads: config.json,
 model.safetensors, the modeling file (scripts/hf_model.py: every mechanism and option, caching what this
@@ -11,11 +12,14 @@ repository caches), the GPT-2 tokenizer (made from tiktoken's files: offline whe
 model card (README.md) with the run's settings, tokens seen and validation loss. Parameter names are this
 repository's, so the weights are copied unchanged, and --from=hf gives back the same tensors.
 
---from=official reads a checkpoint of the official tensorgi/TPA trainer (nanoGPT's ckpt.pt: T6, T6-KVonly, MHA,
-MQA, GQA and MLA, compiled or not) and writes this repository's format: the separate projections concatenated
-into the fused ones, SwiGLU's two input matrices stacked, and the rows that feed RoPE re-signed, because the
-official code rotates the other way (docs/DESIGN.md sec. 2). Anything else (per-head group norm, partial RoPE,
-decay or linear-attention variants, other layouts) is refused with the reason.
+--from=official reads what the official tensorgi/TPA trainer writes: its save_pretrained output folder (out_dir, or
+checkpoint-N/ in it: config.json, pytorch_model.bin or model.safetensors, optimizer.pt with iter_num and
+best_val_loss), the weights file in it, or a nanoGPT ckpt.pt (T6, T6-KVonly, MHA, MQA, GQA and MLA, compiled or
+not). The architecture is read from the weights' shapes and checked against the settings (config.json or
+model_args); it writes this repository's format: the separate projections concatenated into the fused ones,
+SwiGLU's two input matrices stacked, and the rows that feed RoPE re-signed, because the official code rotates the
+other way (docs/DESIGN.md sec. 2). Anything else (per-head group norm, partial RoPE, decay or linear-attention
+variants, biases, other layouts, settings that contradict the weights) is refused with the reason.
 
 The checkpoints written hold the model and its settings (and the iteration), not an optimizer: they serve
 sample.py, eval/ and --to=hf; to train on, start a run from them (their weights) rather than resuming.
@@ -30,6 +34,8 @@ import sys
 
 import torch
 
+if __package__ in (None, ""):  # run as `python scripts/convert.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import checkpoint_path, load_checkpoint
 from model import GPT, GPTConfig
 
@@ -53,9 +59,15 @@ def flip_rows(w, block, rot_dim, offset=0):
 # official checkpoints
 
 
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TRAINER_DIR = re.compile(r"out_(.+?)_\d+m_Opt_")  # the official trainer's out_dir: out_{model_type}_{N}m_Opt_...
+
+
 def _official_state(path):
+    """nanoGPT's ckpt.pt: (checkpoint dict, state dict)."""
     if not os.path.isfile(path):
-        raise ValueError(f"{path} is not a file: give the official trainer's ckpt.pt")
+        raise ValueError(f"{path} is not a file or folder: give the official trainer's output folder (or a "
+                         f"checkpoint-N folder in it), its weights file, or a ckpt.pt")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:
@@ -65,6 +77,61 @@ def _official_state(path):
         raise ValueError(f"{path} is not a checkpoint of the official trainer (no 'model' state dict)")
     sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in ck["model"].items()}
     return ck, sd
+
+
+def _load_weights(path):
+    """A state dict from a safetensors or torch file, or from the shards an index.json names."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if path.endswith(".index.json"):
+        try:
+            shards = sorted(set(json.load(open(path))["weight_map"].values()))
+        except (OSError, ValueError, KeyError) as e:
+            raise ValueError(f"{path} is not a readable weights index ({e})") from None
+        state = {}
+        for shard in shards:
+            state.update(_load_weights(os.path.join(os.path.dirname(path), shard)))
+        return state
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, OSError, RuntimeError, EOFError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({type(e).__name__}: {e}); a truncated or damaged file?") from None
+
+
+def _official_folder(folder):
+    """The trainer's save_pretrained output (config.json, the weights, optimizer.pt): (config.json as a dict, state
+    dict, its iteration, its best validation loss, the trainer's model_type if the folder's name gives it)."""
+    weights = next((os.path.join(folder, f) for f in WEIGHT_FILES if os.path.isfile(os.path.join(folder, f))), None)
+    cfg_path = os.path.join(folder, "config.json")
+    if weights is None or not os.path.isfile(cfg_path):
+        raise ValueError(f"{folder} holds no config.json with pytorch_model.bin or model.safetensors: give the "
+                         f"official trainer's output folder (or a checkpoint-N folder in it), or its ckpt.pt")
+    try:
+        cfg = json.load(open(cfg_path))
+    except ValueError as e:
+        raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    if cfg.get("model_type") != "gpt2":  # every official model file's config class says gpt2
+        raise ValueError(f"{cfg_path}: model_type {cfg.get('model_type')!r} is not the official models' ('gpt2'); "
+                         f"a folder written by --to=hf converts with --from=hf")
+    sd = {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in _load_weights(weights).items()}
+    # save_pretrained may keep one name of the tied embedding and output weights
+    sd.setdefault("transformer.wte.weight", sd.get("lm_head.weight"))
+    iter_num, best_val_loss = None, None
+    opt_path = os.path.join(folder, "optimizer.pt")
+    if os.path.isfile(opt_path):
+        try:
+            opt = torch.load(opt_path, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise ValueError(f"{opt_path} cannot be read ({type(e).__name__}: {e}); move it away to convert the "
+                             f"weights without the iteration") from None
+        iter_num, best_val_loss = opt.get("iter_num"), opt.get("best_val_loss")
+    name = os.path.basename(os.path.normpath(folder))
+    if iter_num is None and re.fullmatch(r"checkpoint-\d+", name):
+        iter_num = int(name.split("-")[1])
+    trainer = TRAINER_DIR.search(name) or TRAINER_DIR.search(os.path.basename(os.path.dirname(os.path.normpath(folder))))
+    return cfg, sd, int(iter_num or 0), best_val_loss, trainer.group(1) if trainer else None
 
 
 def _official_layout(sd, args, path):
@@ -115,16 +182,57 @@ KNOWN_OFFICIAL = {"T6", "T6_ropek", "T6_kvonly", "T6_kvonly_ropek", "llama-mha",
 
 
 def from_official(path):
-    """An official checkpoint -> (GPTConfig, our state dict, its iteration, its training config)."""
-    ck, sd = _official_state(path)
-    cfg = ck.get("config") or {}
-    kind = cfg.get("model_type")
+    """Any form the official code writes -> (GPTConfig, our state dict, its iteration, what to keep of its settings).
+    A folder (or its weights file) is the trainer's save_pretrained output; a file otherwise nanoGPT's ckpt.pt."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path) if os.path.basename(path) in WEIGHT_FILES else None
+    if folder is not None:
+        cfg, sd, iter_num, best_val_loss, kind = _official_folder(folder or ".")
+        args, keep = cfg, dict(config_json=cfg, model_type=kind, iter_num=iter_num, best_val_loss=best_val_loss)
+    else:
+        ck, sd = _official_state(path)
+        cfg = ck.get("config") or {}
+        kind, args, iter_num = cfg.get("model_type"), ck.get("model_args") or {}, int(ck.get("iter_num", 0))
+        keep = dict(cfg, best_val_loss=ck.get("best_val_loss"))
     if kind is not None and kind not in KNOWN_OFFICIAL:
         raise ValueError(f"{path}: model_type {kind!r} is not converted (partial RoPE, decay and linear-attention "
                          f"variants compute other functions); known: {sorted(KNOWN_OFFICIAL)}")
-    attn, fields = _official_layout(sd, ck.get("model_args") or {}, path)
+    if args.get("using_groupnorm"):
+        raise ValueError(f"{path}: using_groupnorm={args['using_groupnorm']!r} (a per-head RMSNorm of the attention "
+                         f"output), which this repository does not implement")
+    biases = sorted(k for k in sd if k.endswith(".bias"))
+    if biases:
+        raise ValueError(f"{path}: bias={args.get('bias')!r}: the weights hold biases ({biases[0]}, ...), which this "
+                         f"repository's models do not have")
+    attn, fields = _official_layout(sd, args, path)
     config = GPTConfig(attn=attn, **fields)
-    H, D, L = config.n_head, config.head_dim, config.n_layer
+    check_settings(args, config, attn, path)
+    return config, official_to_ours(sd, config, path), iter_num, keep
+
+
+def check_settings(args, config, attn, path):
+    """Every architecture field the official config holds must be what the weights hold: a config.json (or
+    model_args) of another model is refused, naming the field."""
+    uses = {"vocab_size": config.vocab_size, "n_layer": config.n_layer, "n_embd": config.n_embd, "n_head": config.n_head}
+    if attn in ("tpa", "tpa_kvonly"):
+        uses.update(head_dim=config.head_dim, rank=config.k_rank)
+    if attn == "tpa":
+        uses["q_rank"] = config.q_rank
+    if attn in ("mqa", "gqa") or (attn == "mha" and "group_size" in args):  # llama-gqa: group_size heads per K/V
+        uses["group_size"] = config.n_head // config.n_kv_head
+    if attn in ("mqa", "gqa"):
+        uses["head_dim"] = config.head_dim
+    if attn == "mla":
+        uses.update(head_dim=config.head_dim, q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
+                    qk_rope_head_dim=config.qk_rope_head_dim, v_head_dim=config.v_head_dim)
+    for k, have in uses.items():
+        if k in args and args[k] is not None and args[k] != have:
+            raise ValueError(f"{path}: its settings say {k}={args[k]!r}, but the weights hold {k}={have!r} "
+                             f"(settings of another model?)")
+
+
+def official_to_ours(sd, config, path):
+    """The official state dict in this repository's names and layout."""
+    attn, D, L = config.attn, config.head_dim, config.n_layer
     out = {"transformer.wte.weight": sd["transformer.wte.weight"], "lm_head.weight": sd["transformer.wte.weight"]}
     try:
         for i in range(L):
@@ -156,14 +264,14 @@ def from_official(path):
             out[pre + "mlp.c_proj.weight"] = w("mlp.c_proj")
     except KeyError as e:
         raise ValueError(f"{path}: weight {e.args[0]} is missing: an incomplete or different checkpoint") from None
-    return config, out, int(ck.get("iter_num", 0)), cfg
+    return out
 
 
 # -----------------------------------------------------------------------------
 # this repository's checkpoints
 
 
-def write_checkpoint(out_dir, config, state, iter_num, meta, config_extra=None):
+def write_checkpoint(out_dir, config, state, iter_num, meta, config_extra=None, best_val_loss=None):
     """A checkpoint that load_model / sample.py / eval read (no optimizer state); the model is built to check it."""
     model = GPT(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -177,6 +285,8 @@ def write_checkpoint(out_dir, config, state, iter_num, meta, config_extra=None):
     from dataclasses import asdict
     state = dict(model=model.state_dict(), model_config=asdict(config), config=config_extra or {}, iter_num=iter_num,
                  meta=dict(meta, tokenizer="gpt2"))
+    if best_val_loss is not None:
+        state["best_val_loss"] = float(best_val_loss)
     torch.save(state, path + ".tmp")
     os.replace(path + ".tmp", path)
     return path
@@ -297,7 +407,8 @@ def from_hf(src, out_dir):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("src", help="a run folder or ckpt_*.pt (--to=hf), a HF folder (--from=hf), ckpt.pt (--from=official)")
+    parser.add_argument("src", help="a run folder or ckpt_*.pt (--to=hf), a HF folder (--from=hf), the official trainer's "
+                                    "output or checkpoint-N folder, its weights file, or ckpt.pt (--from=official)")
     parser.add_argument("out", help="the folder to write (new or empty)")
     parser.add_argument("--to", choices=["hf"], default=None)
     parser.add_argument("--from", dest="source", choices=["hf", "official"], default=None)
@@ -310,9 +421,10 @@ def main(argv=None):
         elif args.source == "hf":
             print(f"wrote {from_hf(args.src, args.out)}")
         else:
-            config, state, iter_num, cfg = from_official(args.src)
+            config, state, iter_num, official = from_official(args.src)
             path = write_checkpoint(args.out, config, state, iter_num, dict(converted_from=os.path.abspath(args.src),
-                                                                            note=ROTATION_NOTE), dict(official=cfg))
+                                                                            note=ROTATION_NOTE), dict(official=official),
+                                    best_val_loss=official.get("best_val_loss"))
             print(f"wrote {path}: {config.attn}, {config.n_layer} x {config.n_embd}, {config.n_head} heads")
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"convert: {e}")

@@ -14,6 +14,10 @@ import argparse
 import glob
 import json
 import os
+import sys
+
+if __package__ in (None, ""):  # run as `python scripts/eval_table.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def load(path):

@@ -11,9 +11,13 @@ the totals of the official modules with the paper's head counts, for comparison.
 
 import argparse
 import json
+import os
+import sys
 
 import torch
 
+if __package__ in (None, ""):  # run as `python scripts/model_table.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from model import GPT, SIZES, model_config
 
 # total parameters (millions) of the official modules with the paper's head counts

@@ -18,11 +18,15 @@ are wrong by construction and only their times are used.
 """
 
 import argparse
+import os
+import sys
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+if __package__ in (None, ""):  # run as `python scripts/profile_decode.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tpa_kernels.flashtpa
 import engine
 from engine import KVCache, compiled_decode_step, cuda_graph_step, fused_decode_step

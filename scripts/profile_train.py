@@ -15,11 +15,15 @@ Peak memory: torch.cuda.max_memory_allocated over the timed steps (the model, Ad
 """
 
 import argparse
+import os
+import sys
 from collections import defaultdict
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+if __package__ in (None, ""):  # run as `python scripts/profile_train.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import peak_flops
 from model import GPT, model_config
 

@@ -54,6 +54,8 @@ import subprocess
 import sys
 import time
 
+if __package__ in (None, ""):  # run as `python scripts/sweep.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import checkpoint_iter, list_checkpoints
 from configurator import configure
 from scripts.compare import value_name

@@ -84,3 +84,27 @@ def test_every_entry_point_lists_its_keys_with_defaults_and_comments():
         assert "Settings (config files, then --key=value" in p.stdout, script
         line = next((ln for ln in p.stdout.splitlines() if needles[0] in ln), "")
         assert needles[1] in (line if needles[1].startswith("#") else p.stdout), (script, line)
+
+
+def test_scripts_run_by_path_as_well_as_as_modules():
+    """`python scripts/convert.py ...`, the form a nanoGPT user types, finds the repository's modules as
+    `python -m scripts.convert` does, for every entry point in scripts/ and eval/: with --help, the ones users run
+    print their help; the GPU benchmarks get past their imports (on a CPU they then stop: no CUDA)."""
+    import glob
+    import subprocess
+    import sys
+
+    from conftest import ROOT, child_env
+    paths = sorted(p for p in glob.glob("scripts/**/*.py", root_dir=ROOT, recursive=True) + glob.glob("eval/*.py",
+                                                                                                        root_dir=ROOT)
+                   if '__name__ == "__main__"' in open(f"{ROOT}/{p}").read())
+    assert "scripts/convert.py" in paths and "eval/harness.py" in paths
+    procs = {p: subprocess.Popen([sys.executable, p, "--help"], cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True) for p in paths}
+    for p, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert "ModuleNotFoundError" not in err and "ImportError" not in err, (p, err[-2000:])
+        if p in ("scripts/convert.py", "scripts/sweep.py", "scripts/compare.py", "scripts/model_table.py",
+                 "scripts/eval_table.py", "eval/val_loss.py", "eval/harness.py"):
+            assert proc.returncode == 0 and out.strip() and "Traceback" not in err, (p, proc.returncode, err[-500:])
+

@@ -3,6 +3,7 @@ import of the official code's checkpoints (built here from our weights in its la
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -12,7 +13,7 @@ import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, child_env
-from model import GPT, model_config
+from model import GPT, GPTConfig, model_config
 from test_model import randomize
 
 transformers = pytest.importorskip("transformers")
@@ -182,6 +183,196 @@ def test_official_checkpoints_convert_back_exactly(attn, tmp_path):
     x = torch.randint(0, c.vocab_size, (1, 9))
     with torch.no_grad():
         assert torch.equal(ours(x, all_logits=True)[0], model(x, all_logits=True)[0])
+
+
+OFFICIAL_KIND = {"tpa": "T6", "tpa_kvonly": "T6_kvonly", "mha": "llama-mha", "mqa": "llama-gqa", "gqa": "llama-gqa",
+                 "mla": "llama-mla"}
+
+
+class OfficialConfig(transformers.PretrainedConfig):
+    """What every official model file's config class is (not its code): a PretrainedConfig with model_type "gpt2"
+    that keeps whatever the trainer passes, its model_args."""
+    model_type = "gpt2"
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+
+
+class OfficialWeights(transformers.PreTrainedModel):
+    """A PreTrainedModel holding an official state dict under its own names (the embedding tied to the output, as
+    in the official GPT), so that its save_pretrained is the official models' save path."""
+    config_class = OfficialConfig
+    base_model_prefix = "gpt2"
+
+    def __init__(self, config, state):
+        super().__init__(config)
+        for name, t in state.items():
+            *path, leaf = name.split(".")
+            module = self
+            for part in path:
+                if not hasattr(module, part):
+                    module.add_module(part, torch.nn.Module())
+                module = getattr(module, part)
+            module.register_parameter(leaf, torch.nn.Parameter(t.clone()))
+        self.lm_head.weight = self.transformer.wte.weight
+
+    def save_pretrained(self, directory):  # what the official GPT.save_pretrained does
+        self.config.save_pretrained(directory)
+        super().save_pretrained(directory, safe_serialization=False)
+
+
+def write_official_run(model, folder, iter_num=300, best_val_loss=3.25, weights="bin"):
+    """The official trainer's output: raw_model.save_pretrained(out_dir), then optimizer.pt beside it. Its model_args
+    as train_adam.py builds them (with its defaults where the model file ignores them: rank and q_rank for every
+    model, head_dim 64 for llama-mha, group_size for llama-gqa only). transformers 5 refuses this save (the tied
+    embedding is not declared in _tied_weights_keys); there the test writes what that path writes instead: the
+    config's save_pretrained (config.json) and the state dict as pytorch_model.bin. weights="safetensors": a newer
+    save, model.safetensors with one name of the tied pair."""
+    c = model.config
+    ck = official_layout(model)
+    state = {k.removeprefix("_orig_mod."): v for k, v in ck["model"].items()}
+    args = dict(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, block_size=c.block_size, bias=False,
+                head_dim=c.head_dim if c.attn != "mha" else 64, rank=c.k_rank if c.attn.startswith("tpa") else 2,
+                q_rank=c.q_rank if c.attn == "tpa" else 12, using_groupnorm=False, vocab_size=c.vocab_size, dropout=0.0,
+                scale_attn_by_inverse_layer_idx=True)
+    if c.attn in ("mqa", "gqa"):
+        args["group_size"] = c.n_head // c.n_kv_head
+    os.makedirs(folder)
+    official = OfficialWeights(OfficialConfig(**args), state)
+    if weights == "safetensors":
+        from safetensors.torch import save_file
+        official.config.save_pretrained(folder)
+        save_file({k: v.contiguous() for k, v in state.items() if k != "lm_head.weight"},
+                  os.path.join(folder, "model.safetensors"))
+    else:
+        try:
+            official.save_pretrained(folder)
+        except RuntimeError as e:  # transformers 5: "shared tensors ... not properly defined"
+            assert "shared tensors" in str(e), e
+            official.config.save_pretrained(folder)
+            torch.save(official.state_dict(), os.path.join(folder, "pytorch_model.bin"))
+    torch.save(dict(optimizer={}, iter_num=iter_num, best_val_loss=torch.tensor(best_val_loss)),
+               os.path.join(folder, "optimizer.pt"))
+    return state, args
+
+
+def official_rope(x):
+    """The official rotation of the last dimension's halves (the opposite direction to ours), float32 tables."""
+    T, d = x.shape[1], x.shape[-1] // 2
+    freqs = torch.outer(torch.arange(T).float(), 1.0 / 10000 ** (torch.arange(0, 2 * d, 2).float() / (2 * d)))
+    cos, sin = freqs.cos()[None, :, None], freqs.sin()[None, :, None]
+    x1, x2 = x[..., :d], x[..., d:]
+    return torch.cat([x1 * cos + x2 * sin, -x1 * sin + x2 * cos], -1)
+
+
+def official_logits(sd, kind, args, idx):
+    """The official models' forward in float32 (T6, T6_kvonly, llama-mha / -gqa, llama-mla), written from what they
+    compute: per-token factor products divided by the rank, RoPE on B (T6) or on q and k, SwiGLU, RMSNorm."""
+    import torch.nn.functional as F
+    w = lambda k: sd[k].float()
+    x = w("transformer.wte.weight")[idx]
+    B, T = idx.shape
+    C, H = x.shape[-1], args["n_head"]
+    attend = lambda q, k, v, scale=None: F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale).transpose(1, 2)
+    for i in range(args["n_layer"]):
+        p = f"transformer.h.{i}."
+        h = F.rms_norm(x, (C,))
+        lin = lambda name, inp=h: inp @ w(p + name + ".weight").T
+        if kind in ("T6", "T6_kvonly"):
+            D, R = args["head_dim"], args["rank"]
+            factor = lambda n, r, rope: (lin(f"attn.c_qkv.W_A_{n}").view(B, T, H, r)
+                                         @ (official_rope if rope else (lambda b: b))(
+                                             lin(f"attn.c_qkv.W_B_{n}").view(B, T, r, D))) / r
+            q = (factor("q", args["q_rank"], True) if kind == "T6"
+                 else official_rope(lin("attn.c_qkv.c_q").view(B, T, H, D)))
+            y = attend(q, factor("k", R, True), factor("v", R, False))
+        elif kind == "llama-mla":
+            dc = w(p + "attn.kv_a_layernorm.weight").numel()
+            dR = w(p + "attn.kv_a_proj_with_mqa.weight").shape[0] - dc  # the shared RoPE key's width
+            rms = lambda t, name: F.rms_norm(t, (t.size(-1),), eps=1e-6) * w(p + name + ".weight")
+            q = lin("attn.q_b_proj", rms(lin("attn.q_a_proj"), "attn.q_a_layernorm"))
+            q = q.view(B, T, H, -1)
+            D = q.size(-1) - dR
+            ckv = lin("attn.kv_a_proj_with_mqa")
+            kv = lin("attn.kv_b_proj", rms(ckv[..., :dc], "attn.kv_a_layernorm")).view(B, T, H, -1)
+            k_pe = official_rope(ckv[..., dc:].view(B, T, 1, dR)).expand(B, T, H, dR)
+            q = torch.cat([q[..., :D], official_rope(q[..., D:])], -1)
+            y = attend(q, torch.cat([kv[..., :D], k_pe], -1), kv[..., D:], scale=(D + dR) ** -0.5)
+        else:  # llama-mha (head_dim = n_embd / n_head), llama-gqa (group_size query heads per key/value head)
+            D = C // H if kind == "llama-mha" else args["head_dim"]
+            G = H // args.get("group_size", 1)
+            q = official_rope(lin("attn.c_q").view(B, T, H, D))
+            k = official_rope(lin("attn.c_k").view(B, T, G, D)).repeat_interleave(H // G, dim=2)
+            y = attend(q, k, lin("attn.c_v").view(B, T, G, D).repeat_interleave(H // G, dim=2))
+        x = x + y.reshape(B, T, -1) @ w(p + "attn.c_proj.weight").T
+        h = F.rms_norm(x, (C,))
+        x = x + (F.silu(lin("mlp.c_fc1", h)) * lin("mlp.c_fc2", h)) @ w(p + "mlp.c_proj.weight").T
+    return F.rms_norm(x, (C,)) @ w("transformer.wte.weight").T
+
+
+@pytest.mark.parametrize("attn", ["tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla"])
+def test_official_trainer_folders_convert_with_the_official_logits(attn, tmp_path):
+    """The folders the official trainer writes (out_dir and checkpoint-N/, by save_pretrained, with optimizer.pt):
+    the folder, or its weights file, converts; the converted model's logits equal the official forward's (float32);
+    iter_num and best_val_loss are kept."""
+    opts = dict(n_head=6, head_dim=16, n_embd=96) if attn == "mha" else {}
+    model = tiny_model(attn, **opts)
+    kind = OFFICIAL_KIND[attn]
+    run = tmp_path / f"out_{kind}_0m_Opt_adamw_LR_0.0006_D_fineweb_T_0.01B_time_20250101_jobid_0"
+    state, args = write_official_run(model, str(run), iter_num=2000, best_val_loss=3.25)
+    write_official_run(model, str(run / "checkpoint-1000"), iter_num=1000, best_val_loss=3.5)
+    weights = next(f for f in os.listdir(run) if f.startswith(("pytorch_model", "model.")))
+    x = torch.randint(0, model.config.vocab_size, (2, 11), generator=torch.Generator().manual_seed(3))
+    want = official_logits(state, kind, args, x)
+    for i, (src, iter_num, best) in enumerate([(run, 2000, 3.25), (run / "checkpoint-1000", 1000, 3.5),
+                                               (run / weights, 2000, 3.25)]):
+        convert.main(["--from=official", str(src), str(tmp_path / f"ours{i}")])
+        back = load_checkpoint(str(tmp_path / f"ours{i}"))
+        assert back["iter_num"] == iter_num and back["best_val_loss"] == pytest.approx(best)
+        assert back["config"]["official"]["config_json"]["n_layer"] == model.config.n_layer
+        assert back["config"]["official"]["model_type"] == kind  # from the trainer's folder name
+        ours = GPT(GPTConfig(**back["model_config"]))
+        ours.load_state_dict(back["model"])
+        with torch.no_grad():
+            torch.testing.assert_close(ours(x, all_logits=True)[0], want, rtol=1e-5, atol=1e-5)
+    assert back["model_config"]["attn"] == attn
+
+
+def test_official_safetensors_folder_and_refusals(tmp_path):
+    """A newer save (model.safetensors, one name of the tied pair) converts; settings the converter cannot map are
+    refused with the field and its value, and nothing is written."""
+    model = tiny_model("tpa")
+    state, args = write_official_run(model, str(tmp_path / "st"), weights="safetensors")
+    assert "model.safetensors" in os.listdir(tmp_path / "st")
+    convert.main(["--from=official", str(tmp_path / "st"), str(tmp_path / "ours")])
+    ours = GPT(GPTConfig(**load_checkpoint(str(tmp_path / "ours"))["model_config"]))
+    ours.load_state_dict(load_checkpoint(str(tmp_path / "ours"))["model"])
+    x = torch.randint(0, model.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x, all_logits=True)[0], official_logits(state, "T6", args, x), rtol=1e-5,
+                                   atol=1e-5)
+
+    def refused(folder, edit=None, name=None):
+        src = tmp_path / (name or f"case{len(os.listdir(tmp_path))}")
+        shutil.copytree(tmp_path / "st", src)
+        if edit:
+            cfg = json.loads((src / "config.json").read_text())
+            edit(cfg)
+            (src / "config.json").write_text(json.dumps(cfg))
+        out = tmp_path / f"out_{src.name}"
+        with pytest.raises(SystemExit) as e:
+            convert.main(["--from=official", str(src), str(out)])
+        assert not out.exists() or not os.listdir(out)  # nothing half-written
+        return str(e.value)
+    assert "using_groupnorm=True" in refused("g", lambda c: c.update(using_groupnorm=True))
+    assert "model_type 'llama'" in refused("t", lambda c: c.update(model_type="llama"))
+    assert "its settings say rank=4, but the weights hold rank=2" in refused("r", lambda c: c.update(rank=4))
+    assert "model_type 'T6_partialrope' is not converted" in refused(
+        "p", name="out_T6_partialrope_0m_Opt_adamw_LR_0.0006_D_x_T_1B_time_0_jobid_0")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no config.json with pytorch_model.bin or model.safetensors"):
+        convert.main(["--from=official", str(tmp_path / "empty"), str(tmp_path / "o")])
 
 
 def test_bad_input_gets_a_clear_message(tmp_path):

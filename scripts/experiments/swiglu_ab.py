@@ -6,10 +6,15 @@ scripts/profile_train.py. The FX-graph and AOT caches are turned off so that eve
     python -m scripts.experiments.swiglu_ab        # benchmarks/RESULTS.md, training, "Session 10"
 """
 
+import os
+import sys
+
 import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 
+if __package__ in (None, ""):  # run as `python scripts/experiments/swiglu_ab.py`: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import model
 import scripts.profile_train as pt
 from tpa_kernels.mlp import swiglu, swiglu_ref
