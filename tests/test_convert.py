@@ -353,6 +353,20 @@ def test_official_safetensors_folder_and_refusals(tmp_path):
         torch.testing.assert_close(ours(x, all_logits=True)[0], official_logits(state, "T6", args, x), rtol=1e-5,
                                    atol=1e-5)
 
+    # a sharded save (an index.json naming the shards), as save_pretrained writes above its shard size
+    from safetensors.torch import save_file
+    shutil.copytree(tmp_path / "st", tmp_path / "sharded")
+    os.remove(tmp_path / "sharded" / "model.safetensors")
+    names = sorted(k for k in state if k != "lm_head.weight")
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, keys in shards.items():
+        save_file({k: state[k].contiguous() for k in keys}, str(tmp_path / "sharded" / file))
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps(
+        dict(metadata={}, weight_map={k: file for file, keys in shards.items() for k in keys})))
+    convert.main(["--from=official", str(tmp_path / "sharded"), str(tmp_path / "ours_sharded")])
+    assert all(torch.equal(load_checkpoint(str(tmp_path / "ours_sharded"))["model"][k], v)
+               for k, v in load_checkpoint(str(tmp_path / "ours"))["model"].items())
+
     def refused(folder, edit=None, name=None):
         src = tmp_path / (name or f"case{len(os.listdir(tmp_path))}")
         shutil.copytree(tmp_path / "st", src)
