@@ -223,8 +223,51 @@ def next_batch():
     except TokenIdError as e:  # a shard opened for the first time
         raise SystemExit(f"data error: {e}") from None
 
+def reduce_stats(step_stats):
+    """(steps, 2) CPU tensor of [loss, grad norm] averaged over ranks, from the per-step device tensors."""
+    if not step_stats:
+        return torch.zeros(0, 2)
+    stats = torch.stack(step_stats)
+    if ddp:
+        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
+    return stats.cpu()
+
+
+class StepStats:
+    """The steps since the last log line: their [loss, grad norm] as device tensors (no sync per step), the ones a
+    resumed checkpoint carried (already reduced over ranks), and the time of the timed ones. Its state_dict is what
+    a checkpoint keeps, so that a resumed run writes the log line an uninterrupted run would have written."""
+
+    def __init__(self, carried=()):
+        self.carried = list(carried)
+        self.steps, self.timed, self.t_start = [], 0, time.time()
+
+    def add(self, loss, grad_norm, timed=True):
+        self.steps.append(torch.stack([loss.float(), grad_norm.float()]))
+        self.timed += timed
+
+    def restart_clock(self):
+        """Time spent from here on counts (compilation, evaluation and saving do not)."""
+        self.t_start = time.time()
+
+    def step_time(self):
+        """Seconds per timed step since the clock started, or None."""
+        return (time.time() - self.t_start) / self.timed if self.timed else None
+
+    def reduced(self):
+        """(steps, 2) CPU tensor, the same on every rank: the carried steps, then this window's."""
+        return torch.cat([torch.tensor(self.carried, dtype=torch.float32).view(-1, 2), reduce_stats(self.steps)])
+
+    def clear(self):
+        self.carried, self.steps, self.timed = [], [], 0
+        self.restart_clock()
+
+    def state_dict(self):
+        return dict(pending_stats=self.reduced().tolist())
+
+
 iter_num, tokens_seen, best_val_loss, wandb_id = 0, 0, float("inf"), None
-carried = []  # [loss, grad norm] of the steps since the last log line that a checkpoint saved (reduced over ranks)
+stats = StepStats()
 if resume_ckpt is not None:
     model.load_state_dict(resume_ckpt["model"])
     optimizer.load_state_dict(resume_ckpt["optimizer"])
@@ -232,7 +275,7 @@ if resume_ckpt is not None:
     train_loader.load_state_dict(resume_ckpt["loader"])
     iter_num, tokens_seen = resume_ckpt["iter_num"], resume_ckpt["tokens_seen"]
     best_val_loss, wandb_id = resume_ckpt["best_val_loss"], resume_ckpt["meta"].get("wandb_id")
-    carried = resume_ckpt.get("pending_stats", [])
+    stats = StepStats(resume_ckpt.get("pending_stats", []))
     rng = resume_ckpt["rng"][rank] if len(resume_ckpt["rng"]) == world_size else resume_ckpt["rng"][0]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
@@ -337,8 +380,8 @@ def checkpoint(val_loss=None):
     else:
         rngs = [rng]
     loader_state = train_loader.state_dict()  # one batch is prefetched: it is the next one to consume
-    pending = torch.cat([torch.tensor(carried, dtype=torch.float32).view(-1, 2), reduce_stats(losses)])
-    check_finite(pending, iter_num)  # steps not logged yet: a resumed run logs them as this one would
+    pending = stats.state_dict()  # steps not logged yet: a resumed run logs them as this one would
+    check_finite(torch.tensor(pending["pending_stats"]).view(-1, 2), iter_num)
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):  # a step with finite numbers can overflow
         stop_non_finite("non-finite weights", iter_num)
     error = None
@@ -346,8 +389,7 @@ def checkpoint(val_loss=None):
         state = dict(model=raw_model.state_dict(), model_config=asdict(mconf), config=config,
                      optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
                      tokens_seen=tokens_seen, best_val_loss=best_val_loss, val_loss=val_loss,
-                     loader=dict(loader_state, step=loader_state["step"] - 1), rng=rngs, meta=meta,
-                     pending_stats=pending.tolist())
+                     loader=dict(loader_state, step=loader_state["step"] - 1), rng=rngs, meta=meta, **pending)
         try:
             path = save_checkpoint(state, out_dir, keep_checkpoints)
             print0(f"saved {path}")
@@ -391,30 +433,18 @@ def perplexity(loss):
 
 
 # -- training loop -------------------------------------------------------------------------------------
-def reduce_stats(step_stats):
-    """(steps, 2) CPU tensor of [loss, grad norm] averaged over ranks, from the per-step device tensors."""
-    if not step_stats:
-        return torch.zeros(0, 2)
-    stats = torch.stack(step_stats)
-    if ddp:
-        dist.all_reduce(stats, op=dist.ReduceOp.AVG)
-    return stats.cpu()
-
-
 def flush_stats():
-    """Reduce the losses since the last call, stop on a non-finite one, log a line. Syncs the device."""
-    global losses, carried, t_log, steps_timed
-    # steps a resumed checkpoint carried are already reduced: the record equals an uninterrupted run's
-    stats = torch.cat([torch.tensor(carried, dtype=torch.float32).view(-1, 2), reduce_stats(losses)])
-    check_finite(stats, iter_num)
+    """Reduce the steps since the last line, stop on a non-finite one, log a line. Syncs the device."""
+    window = stats.reduced()  # with a resumed checkpoint's carried steps: the record equals an uninterrupted run's
+    check_finite(window, iter_num)
     # the window's largest loss and gradient norm too: a spike between two log lines is not missed (compare.py)
-    record = dict(iter=iter_num, loss=stats[-1, 0].item(), loss_avg=stats[:, 0].mean().item(),
-                  loss_max=stats[:, 0].max().item(), lr=lr, grad_norm=stats[-1, 1].item(),
-                  grad_norm_max=stats[:, 1].max().item(), tokens=tokens_seen)
+    record = dict(iter=iter_num, loss=window[-1, 0].item(), loss_avg=window[:, 0].mean().item(),
+                  loss_max=window[:, 0].max().item(), lr=lr, grad_norm=window[-1, 1].item(),
+                  grad_norm_max=window[:, 1].max().item(), tokens=tokens_seen)
     line = (f"iter {iter_num}/{max_iters} | loss {record['loss']:.4f} | lr {lr:.2e} | "
             f"grad {record['grad_norm']:.3f}")
-    if steps_timed > 0:  # the first step (compilation) is not timed
-        dt = (time.time() - t_log) / steps_timed
+    dt = stats.step_time()
+    if dt is not None:  # the first step (compilation) is not timed
         record.update(dt_ms=1000 * dt, tokens_per_s=tokens_per_iter / dt)
         line += f" | {1000 * dt:.1f} ms | {tokens_per_iter / dt:,.0f} tok/s"
         if peak:
@@ -426,7 +456,7 @@ def flush_stats():
         line += f" | mem {record['mem_gib']:.1f} GiB"
     log(record)
     print0(line)
-    losses, carried, t_log, steps_timed = [], [], time.time(), 0
+    stats.clear()
 
 
 if iter_num == 0:
@@ -436,8 +466,8 @@ if iter_num == 0:
 if iter_num >= max_iters:
     print0(f"nothing to do: the run is at iteration {iter_num} and max_iters={max_iters}")
 x, y = next_batch()
-losses = []  # per-step [loss, grad norm] on the device since the last log line: no sync per step
-t_log, steps_timed, first_step = time.time(), 0, True
+stats.restart_clock()
+first_step = True
 while iter_num < max_iters:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -462,14 +492,13 @@ while iter_num < max_iters:
     optimizer.zero_grad(set_to_none=True)
     iter_num += 1
     tokens_seen += tokens_per_iter
-    losses.append(torch.stack([step_loss.float(), grad_norm.float()]))
+    stats.add(step_loss, grad_norm, timed=not first_step)
     if first_step:  # compilation and warm-up happen here: reported apart from the step time
         if device_type == "cuda":
             torch.cuda.synchronize()
         print0(f"first step (compilation and warm-up) took {time.time() - t0:.1f}s")
-        first_step, t_log = False, time.time()
-    else:
-        steps_timed += 1
+        first_step = False
+        stats.restart_clock()
 
     last = iter_num == max_iters
     evaluate_now = iter_num % eval_interval == 0 or last
@@ -485,7 +514,7 @@ while iter_num < max_iters:
     if save_now:
         checkpoint(val_loss)
     if evaluate_now or save_now:
-        t_log = time.time()  # evaluation and saving are not step time
+        stats.restart_clock()  # evaluation and saving are not step time
     if stop_requested():
         if not save_now:
             # no log record here: the steps since the last line go into the checkpoint, and the resumed run
