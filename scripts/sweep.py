@@ -618,7 +618,8 @@ def measure_speed(run, speed, sweep, pass_fds):
 
 def best_point_runs(sweep, runs):
     """The best_seeds runs: (runs, {variant: why not yet}). A variant's best grid point is the one with the lowest
-    mean final validation loss over `seeds` (scripts/compare.py's choice), once all of them have finished."""
+    mean final validation loss over `seeds` (scripts/compare.py's choice), once every grid run has finished or
+    failed in this sweep (a diverged run: its point is out of the choice)."""
     from scripts.compare import best_point, find_runs, summarize
     out, waiting = [], {}
     for v in sweep["variants"]:
@@ -626,11 +627,17 @@ def best_point_runs(sweep, runs):
         finals = {}
         for r in grid_runs:
             s = summarize(find_runs([r.out_dir])[0]) if os.path.isfile(os.path.join(r.out_dir, "header.json")) else None
+            if r.status == "failed":
+                finals.setdefault(r.label, (r.point, []))[1].append(math.inf)
+                continue
             if s is None or not s["complete"]:
                 waiting[v["name"]] = f"{r.name} has not finished"
                 break
             finals.setdefault(r.label, (r.point, []))[1].append(s["final_val_loss"])
         else:
+            if all(math.inf in losses for _, losses in finals.values()):
+                waiting[v["name"]] = "every grid point failed"
+                continue
             label = best_point({k: losses for k, (_, losses) in finals.items()})
             out += [Run(v, finals[label][0], seed, sweep) for seed in sweep["best_seeds"] if seed not in sweep["seeds"]]
     return out, waiting

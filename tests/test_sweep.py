@@ -437,3 +437,15 @@ def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path
     with pytest.raises(ValueError, match="variant 'gqa' has no runs there"):
         sweep_script.parse_args(["config/sweeps/tiny_cpu.py", f"--best_from={tmp_path / 'lr'}",
                                  "--variants=[{'name': 'gqa', 'attn': 'gqa'}]"])
+
+
+def test_best_point_waits_for_the_grid_and_passes_over_a_failed_run(tmp_path):
+    sw = sweep_script.parse_args(["config/sweeps/tiny_cpu.py", f"--out_root={tmp_path}", "--seeds=[1]",
+                                  "--best_seeds=[2]", "--grid={'learning_rate': [1e-3, 3e-3]}"])
+    runs = [sweep_script.Run(v, p, 1, sw) for v in sw["variants"] for p in sweep_script.grid_points(sw["grid"])]
+    fake_run(tmp_path, "mha_lr1e-3_s1", "mha", 1, 1e-3, 5.0)
+    fake_run(tmp_path, "mha_lr3e-3_s1", "mha", 1, 3e-3, 4.0, complete=False)  # diverged: stopped early
+    next(r for r in runs if r.name == "mha_lr3e-3_s1").status = "failed"
+    fake_run(tmp_path, "tpa_lr1e-3_s1", "tpa", 1, 1e-3, 4.5)  # tpa_lr3e-3_s1 has not run
+    best, waiting = sweep_script.best_point_runs(sw, runs)
+    assert [r.name for r in best] == ["mha_lr1e-3_s2"] and waiting == {"tpa": "tpa_lr3e-3_s1 has not finished"}
