@@ -21,7 +21,7 @@ import functools
 
 import torch
 
-from tpa_kernels import flashtpa_decode, linear_factors, linear_one_row, pick, write_rows
+from tpa_kernels import linear_one_row, pick, write_rows
 
 
 # -----------------------------------------------------------------------------
@@ -195,23 +195,18 @@ def compiled_decode_step():
 
 
 def fused_decode_ok(cache):
-    """Whether fused_decode_step serves this cache's model: T6 or TPA-KVonly (without gate, KV shift, constant or
-    shared factors, third order) at batch 1, with the kernels allowed."""
-    c = cache.model.config
-    plain = not (c.attn_gate or c.kv_shift or c.tpa_const_a or c.tpa_const_b or c.tpa_shared_b) and c.tpa_order == 2
-    return cache.B == 1 and c.attn in ("tpa", "tpa_kvonly") and plain and bool(cache.use_kernel)
-
-
-_identity = {}  # TPA-KVonly's query factor A = H * I per (H, device, dtype); built once, outside any CUDA graph
+    """Whether fused_decode_step serves this cache: batch 1, the kernels allowed, and every layer's attention able to
+    (model.Attention.supports_fused: T6 and TPA-KVonly without gate, KV shift, constant or shared factors, third
+    order)."""
+    return cache.B == 1 and bool(cache.use_kernel) and all(b.attn.supports_fused for b in cache.model.transformer.h)
 
 
 def fused_decode_step(tok, cache):
     """decode_step for batch-1 T6 (and TPA-KVonly) as a chain of fused kernels, 6 per layer (the compiled step
-    runs ~12): RMSNorm + factor projection + RoPE + cache write (tpa_kernels/gemv.py's linear_factors), FlashTPA and
-    its combine, output projection + residual, RMSNorm + SwiGLU input projection, its output projection +
-    residual. On a GPU of compute capability >= 9 every kernel uses programmatic dependent launch: it starts
-    while the previous one finishes and loads its weights (or first cache block) before waiting for it.
-    Off CUDA the same arithmetic runs through the kernels' PyTorch references. tok (1, 1) -> (1, V)."""
+    runs ~12): each block's fused_decode (model.Block), then RMSNorm + the output head. On a GPU of compute
+    capability >= 9 every kernel uses programmatic dependent launch: it starts while the previous one finishes and
+    loads its weights (or first cache block) before waiting for it. Off CUDA the same arithmetic runs through the
+    kernels' PyTorch references. tok (1, 1) -> (1, V)."""
     if not fused_decode_ok(cache) or tok.shape != (1, 1):
         raise ValueError("fused_decode_step serves batch-1 T6 / TPA-KVonly models (see fused_decode_ok), one token "
                          "per step")
@@ -219,30 +214,10 @@ def fused_decode_step(tok, cache):
     impl = "triton" if cache.use_kernel == "triton" else pick(tok)
     pos = cache.seqlens  # (1,) the new token's position
     seqlens = pos + 1  # computed before the chain: FlashTPA reads it before waiting for the previous kernel
+    rope = model.rope_buffers(model.config.head_dim)
     x = model.transformer.wte(tok).view(-1)  # (C,) the residual stream
-    D = model.config.head_dim
-    cos, sin = model.rope_buffers(D)
     for block, layer in zip(model.transformer.h, cache.layers):
-        attn, mlp = block.attn, block.mlp
-        H = attn.n_head
-        if attn.factor_q:
-            q = {"aq": x.new_empty(1, 1, H, attn.ranks["q"]), "bq": x.new_empty(1, 1, attn.ranks["q"], D)}
-        else:  # TPA-KVonly: a standard query is rank-H TPA with A = H * I
-            q = {"q": x.new_empty(1, 1, H, D)}
-            key = (H, x.device, x.dtype)
-            if key not in _identity:
-                _identity[key] = (H * torch.eye(H, device=x.device, dtype=x.dtype)).view(1, 1, H, H)
-            q["aq"], q["bq"] = _identity[key], q["q"]
-        # every factor in one kernel: K's and V's into the cache at pos, the query's into q; B_Q, B_K rotated
-        names = attn.names
-        linear_factors(x, attn.c_fact.weight, [layer.get(n, q.get(n)) for n in names],
-                       [n in ("q", "bq", "bk") for n in names], [n in layer for n in names], pos, cos, sin,
-                       norm=True, impl=impl, pdl=True)
-        y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
-                            impl=impl, pdl=True)  # (1, 1, H, D)
-        x = linear_one_row(y.view(-1), attn.c_proj.weight, residual=x, impl=impl, pdl=True)
-        h = linear_one_row(x, mlp.c_fc.weight, norm=True, glu=True, impl=impl, pdl=True)
-        x = linear_one_row(h, mlp.c_proj.weight, residual=x, impl=impl, pdl=True)
+        x = block.fused_decode(x, layer, pos, seqlens, rope, impl)
     logits = linear_one_row(x, model.lm_head.weight, norm=True, impl=impl, pdl=True)
     cache.seqlens.copy_(seqlens)
     return logits.view(1, -1)

@@ -32,8 +32,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import engine
-from tpa_kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_one_row,
-                     pick, swiglu, tpa_materialize)
+from tpa_kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_factors,
+                         linear_one_row, pick, swiglu, tpa_materialize)
 
 
 # -----------------------------------------------------------------------------
@@ -235,12 +235,15 @@ class Attention(nn.Module):
         to everything cached (or, for a prefill into an empty cache, to the new tokens only).
       cache_spec() -> {name: per-token shape} of what the decode cache holds for this layer.
       position_minor: names of cache_spec that KVCache(position_minor=True) stores position-minor.
+      supports_fused: whether fused_decode(x, layer, pos, seqlens, rope, impl) runs this layer's attention for
+        one token at batch 1 as a chain of fused kernels (engine.fused_decode_step); only T6's plain forms do.
       kv_cache_elems_per_token() -> elements cached per token in this layer.
       attn_flops_per_token(T) -> forward FLOPs per token that are not weight matmuls, averaged over a
         causal sequence of length T.
     """
 
     position_minor = ()
+    supports_fused = False
 
     def __init__(self, config, n_head, v_dim, n_kv_head=None):
         super().__init__()
@@ -428,6 +431,11 @@ class TPA(Attention):
         self.ranks = {"q": config.q_rank, "k": config.k_rank, "v": config.v_rank}
         self.factored = "qkv" if self.factor_q else "kv"
         self.materialize_kernel = True  # False: always the PyTorch reference of the materialisation
+        # the fused batch-1 step serves the plain forms (no gate, KV shift, constant or shared factors, third order)
+        self.supports_fused = not (config.attn_gate or config.kv_shift or self.const_a or self.const_b or
+                                   self.shared_b) and config.tpa_order == 2
+        if not self.factor_q:  # a standard query is rank-H TPA with A = H * I (decoding); moves with the model
+            self.register_buffer("eye_h", (H * torch.eye(H)).view(1, 1, H, H), persistent=False)
         # the fused projection: one (name, width, init bound) per output slice
         official = config.tpa_init == "official"
         xavier = lambda n_out: math.sqrt(6 / (C + n_out))
@@ -529,10 +537,29 @@ class TPA(Attention):
             aq, bq = self.assemble(p, "q", rope_x)
             aq, bq = aq.expand(B, T, -1, -1), bq.expand(B, T, -1, -1)
         else:  # a standard query is rank-H TPA with A = H * I
-            aq, bq = (H * torch.eye(H, device=q.device, dtype=q.dtype)).expand(B, T, H, H), q
+            aq, bq = self.eye_h.to(q.dtype).expand(B, T, H, H), q
         use = cache.use_kernel
         impl = "triton" if use == "triton" else (pick(bq, T <= 16) if use else "ref")  # long chunks: materialised
         return flashtpa_decode(aq, bq, *factors, seqlens=cache.seqlens + T, impl=impl)
+
+    def fused_decode(self, x, layer, pos, seqlens, rope, impl):
+        """One token's attention at batch 1 as three fused kernels: RMSNorm + the factor projection + RoPE + the
+        cache write (linear_factors), FlashTPA with its combine, the output projection + residual; each with
+        programmatic dependent launch where the GPU has it. x (C,) the residual stream -> (C,); layer: this layer's
+        cache tensors {name: (1, L, ...)}; pos (1,) the token's position, seqlens = pos + 1; rope: (cos, sin)."""
+        H, D = self.n_head, self.head_dim
+        if self.factor_q:
+            q = {"aq": x.new_empty(1, 1, H, self.ranks["q"]), "bq": x.new_empty(1, 1, self.ranks["q"], D)}
+        else:
+            q = {"q": x.new_empty(1, 1, H, D)}
+            q["aq"], q["bq"] = self.eye_h, q["q"]
+        # every factor in one kernel: K's and V's into the cache at pos, the query's into q; B_Q, B_K rotated
+        linear_factors(x, self.c_fact.weight, [layer.get(n, q.get(n)) for n in self.names],
+                       [n in ("q", "bq", "bk") for n in self.names], [n in layer for n in self.names], pos, *rope,
+                       norm=True, impl=impl, pdl=True)
+        y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
+                            impl=impl, pdl=True)  # (1, 1, H, D)
+        return linear_one_row(y.view(-1), self.c_proj.weight, residual=x, impl=impl, pdl=True)
 
     def attn_flops_per_token(self, T):
         H = self.n_head
@@ -558,6 +585,13 @@ class Block(nn.Module):
     def forward(self, x, rope, cache=None):
         x = x + self.attn(rms_norm(x), rope, cache)
         return x + self.mlp(rms_norm(x))
+
+    def fused_decode(self, x, layer, pos, seqlens, rope, impl):
+        """One token through the block at batch 1 (attn.supports_fused): the attention's fused kernels, then RMSNorm
+        + SwiGLU's input projection, and its output projection + residual. x (C,) -> (C,)."""
+        x = self.attn.fused_decode(x, layer, pos, seqlens, rope, impl)
+        h = linear_one_row(x, self.mlp.c_fc.weight, norm=True, glu=True, impl=impl, pdl=True)
+        return linear_one_row(h, self.mlp.c_proj.weight, residual=x, impl=impl, pdl=True)
 
 
 class GPT(nn.Module):
