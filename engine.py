@@ -2,7 +2,7 @@
 Generation: the decode cache, sampling, and the decode steps that drive a GPT from model.py.
 
     from engine import generate, generate_stream, KVCache
-    out = generate(model, idx, 100, top_k=50)                  # or model.generate(idx, 100, top_k=50)
+    out = generate(model, idx, 100, top_k=50)                  # (B, T + 100)
     for tok in generate_stream(model, idx, 100): ...           # (B,) per step
 
     cache = KVCache(model, batch_size=1, max_len=2048)         # drive the model by hand

@@ -31,7 +31,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import engine
 from tpa_kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_factors,
                          linear_one_row, pick, swiglu, tpa_materialize)
 
@@ -677,16 +676,6 @@ class GPT(nn.Module):
             return (logits if return_logits else None), loss
         logits = self.lm_head(x if all_logits else x[:, -1:, :])
         return logits, None
-
-    # -- generation (engine.py) ----------------------------------------------------
-
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, **kwargs):
-        """nanoGPT's generate: idx (B, T) -> (B, T + max_new_tokens); see engine.generate for the options."""
-        return engine.generate(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
-
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, **kwargs):
-        """Yield the next token of every sequence, (B,), max_new_tokens times; see engine.generate_stream."""
-        return engine.generate_stream(self, idx, max_new_tokens, temperature, top_k, top_p, **kwargs)
 
     # -- accounting -------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import torch
 from checkpoint import load_model
 from common import resolve_device, resolve_dtype
 from configurator import configure
+from engine import generate, generate_stream
 
 # -----------------------------------------------------------------------------
 out_dir = "out"  # a run directory (its newest checkpoint) or a ckpt_*.pt file
@@ -79,13 +80,13 @@ for k in range(num_samples):
     sys.stdout.write(start)
     if stream:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        for tok in model.generate_stream(x, max_new_tokens, **options):
+        for tok in generate_stream(model, x, max_new_tokens, **options):
             sys.stdout.write(decoder.decode(enc.decode_single_token_bytes(tok.item())))
             sys.stdout.flush()
             n += 1
         sys.stdout.write(decoder.decode(b"", final=True))
     else:
-        out = model.generate(x, max_new_tokens, **options)[0, len(ids):].tolist()
+        out = generate(model, x, max_new_tokens, **options)[0, len(ids):].tolist()
         sys.stdout.write(enc.decode(out))
         n = len(out)
     print(f"\n---------------  [{n} tokens, {n / (time.time() - t0):.1f} tokens/s]", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ also records the lm-eval and task versions, the limit, the shots and the checkpo
 is loaded before the model, so a missing one is reported at once. The model is TPALM, registered with the harness
 as "tpa": a TemplateLM over our checkpoints and GPT-2 tokenizer, with batched loglikelihoods (longest first,
 contexts cut from the left to the block size), rolling loglikelihoods for perplexity tasks, and generate_until
-through GPT.generate with the KV cache.
+through engine.generate with the KV cache.
 """
 
 import json
@@ -113,6 +113,7 @@ class TPALM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm=False):
+        from engine import generate
         dev = self.model.lm_head.weight.device
         results = []
         for req in tqdm(requests, disable=disable_tqdm, desc="generate_until"):
@@ -125,8 +126,8 @@ class TPALM(TemplateLM):
             temperature = float(kw.pop("temperature", 0.0)) if sample else 0.0
             ids = self.tok_encode(context)[-(self.max_length - max_new):] or [self.eot_token_id]
             x = torch.tensor([ids], device=dev)
-            new = self.model.generate(x, max_new, temperature=temperature, top_k=None if sample else 1,
-                                      stop_tokens={self.eot_token_id}, use_kernel=self.use_kernel)[0][len(ids):]
+            new = generate(self.model, x, max_new, temperature=temperature, top_k=None if sample else 1,
+                           stop_tokens={self.eot_token_id}, use_kernel=self.use_kernel)[0][len(ids):]
             text = self.tok_decode([t for t in new.tolist() if t != self.eot_token_id])
             for stop in until:
                 if stop and stop in text:

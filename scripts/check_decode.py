@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python scripts/check_decode.py`: make t
 from tpa_kernels.dispatch import PDL_OFF, pdl_supported
 from tpa_kernels.flashtpa import flashtpa_decode_triton
 from tpa_kernels.gemv import linear_one_row
-from engine import KVCache, compiled_decode_step, cuda_graph_step, decode_step, fused_decode_step
+from engine import KVCache, compiled_decode_step, cuda_graph_step, decode_step, fused_decode_step, generate
 from model import GPT, model_config
 
 
@@ -90,7 +90,7 @@ def main():
         model = model.to(dtype).eval()
         idx = torch.randint(0, 50257, (1, 300), device=dev)
         with torch.no_grad():
-            tokens = model.generate(idx, 12, top_k=1, fused=False)[:, 300:]
+            tokens = generate(model, idx, 12, top_k=1, fused=False)[:, 300:]
             outs = {}
             modes = [("generic eager", False, False, False), ("fused eager", True, False, False),
                      ("fused graph", True, True, False), ("compiled graph", False, True, True)]
@@ -107,7 +107,7 @@ def main():
                 err = ((o - base).norm() / base.norm()).item()
                 report(err <= max(tol, 1.5 * compiled_err), f"{attn} {dtype} {name} logits vs the eager step: relative "
                                                             f"error {err:.2e} (compiled graph {compiled_err:.2e})")
-            fused_tokens = model.generate(idx, 12, top_k=1, fused=True, cuda_graph=True)[:, 300:]
+            fused_tokens = generate(model, idx, 12, top_k=1, fused=True, cuda_graph=True)[:, 300:]
             same = int((fused_tokens == tokens).long().cumprod(-1).sum())
             # bf16: a near-tie among random weights' logits may send the two paths apart (the compiled step too)
             report(same == 12 or dtype != torch.float32, f"{attn} {dtype} greedy tokens, fused CUDA graph == eager: "

@@ -13,6 +13,7 @@ import torch
 
 from checkpoint import load_checkpoint, save_checkpoint
 from conftest import ROOT, child_env
+from engine import generate
 from model import GPT, GPTConfig, model_config
 from test_model import randomize
 
@@ -48,7 +49,7 @@ def test_hf_export_equals_the_model(attn, opts, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model(x, all_logits=True)[0], rtol=1e-5, atol=1e-5)
         # greedy generation with transformers' cache equals ours, token for token
-        ours = model.generate(x[:1, :6], 15, top_k=1)
+        ours = generate(model, x[:1, :6], 15, top_k=1)
         theirs = hf.generate(x[:1, :6], max_new_tokens=15, do_sample=False, use_cache=True)
         assert torch.equal(ours, theirs)
         # the cache holds what ours holds: per token, the mechanism's entries (factors, latent), not K and V
@@ -95,7 +96,7 @@ def test_hf_batched_generation_with_left_padding(tmp_path):
     with torch.no_grad():
         batch = hf.generate(x, attention_mask=mask, max_new_tokens=8, do_sample=False)
         for row, prompt in zip(batch, (a, b)):
-            alone = model.generate(torch.tensor([prompt]), 8, top_k=1)[0]
+            alone = generate(model, torch.tensor([prompt]), 8, top_k=1)[0]
             assert row[-8:].tolist() == alone[-8:].tolist()
 
 

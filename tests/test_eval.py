@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, child_env
+from engine import generate
 from model import GPT, model_config
 from test_generate import tiny_run  # noqa: F401  (the checkpoint fixture)
 from test_model import randomize
@@ -98,7 +99,7 @@ def test_generate_until_equals_generate(lm):
     enc = tiktoken.get_encoding("gpt2")
     ctx = "Once upon a time"
     ids = enc.encode_ordinary(ctx)
-    ref = lm.model.generate(torch.tensor([ids]), 12, top_k=1)[0, len(ids):].tolist()
+    ref = generate(lm.model, torch.tensor([ids]), 12, top_k=1)[0, len(ids):].tolist()
     text = enc.decode(ref)
     out = lm.generate_until([inst("generate_until", (ctx, {"until": ["\n\n"], "max_gen_toks": 12}))], True)[0]
     if enc.eot_token not in ref:

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, child_env
 from data.shards import write_shard
 from tpa_kernels import HAS_TRITON
-from engine import KVCache, decode_step, fused_decode_ok, fused_decode_step, sample_logits
+from engine import KVCache, decode_step, fused_decode_ok, fused_decode_step, generate, sample_logits
 from model import GPT, model_config
 from test_model import IDS, V, VARIANTS, randomize, tiny
 
@@ -42,13 +42,13 @@ def test_cache_equals_recompute(attn, opts):
     idx = torch.randint(0, V, (3, 9), generator=g)
     # greedy generation, a ragged batch (right-padded prompts of 9, 2 and 5 tokens)
     lens = [9, 2, 5]
-    cached = model.generate(idx, 7, top_k=1, prompt_lens=lens)
-    recomputed = model.generate(idx, 7, top_k=1, prompt_lens=lens, use_cache=False)
+    cached = generate(model, idx, 7, top_k=1, prompt_lens=lens)
+    recomputed = generate(model, idx, 7, top_k=1, prompt_lens=lens, use_cache=False)
     for i, (a, b, n) in enumerate(zip(cached, recomputed, lens)):
         assert torch.equal(a, b) and len(a) == n + 7 and torch.equal(a[:n], idx[i, :n])
     # and a plain batch, nanoGPT's return shape
-    out = model.generate(idx[:, :4], 5, top_k=1)
-    assert out.shape == (3, 9) and torch.equal(out, model.generate(idx[:, :4], 5, top_k=1, use_cache=False))
+    out = generate(model, idx[:, :4], 5, top_k=1)
+    assert out.shape == (3, 9) and torch.equal(out, generate(model, idx[:, :4], 5, top_k=1, use_cache=False))
     # cached logits equal the full forward's, for several prompt lengths
     seq = torch.randint(0, V, (2, 14), generator=g)
     for prefill in (1, 4, 9):
@@ -92,8 +92,8 @@ def test_compiled_decode_step(attn):
     model = randomize(tiny(attn), std=0.1)
     idx = torch.randint(0, V, (3, 6), generator=torch.Generator().manual_seed(2))
     for lens in (None, [6, 2, 4]):
-        eager = model.generate(idx, 6, top_k=1, prompt_lens=lens)
-        compiled = model.generate(idx, 6, top_k=1, prompt_lens=lens, compile=True)
+        eager = generate(model, idx, 6, top_k=1, prompt_lens=lens)
+        compiled = generate(model, idx, 6, top_k=1, prompt_lens=lens, compile=True)
         assert all(torch.equal(a, b) for a, b in zip(eager, compiled))
 
 
@@ -121,8 +121,8 @@ def test_flashtpa_in_the_decode_path(attn, opts):
     seq = torch.randint(0, V, (2, 10), generator=torch.Generator().manual_seed(2))
     assert full_vs_cached_logits(model, seq, 3, use_kernel="triton") <= 1e-5
     idx = seq[:, :5]
-    assert torch.equal(model.generate(idx, 5, top_k=1, use_kernel="triton", prompt_lens=[5, 2])[1],
-                       model.generate(idx, 5, top_k=1, use_kernel=False, prompt_lens=[5, 2])[1])
+    assert torch.equal(generate(model, idx, 5, top_k=1, use_kernel="triton", prompt_lens=[5, 2])[1],
+                       generate(model, idx, 5, top_k=1, use_kernel=False, prompt_lens=[5, 2])[1])
 
 
 @pytest.mark.parametrize("attn", ["tpa", "tpa_kvonly"])
@@ -149,8 +149,8 @@ def test_fused_decode_step(use_kernel, attn):
             torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
     # generate(fused=True) gives the same greedy tokens; what the fused step does not serve falls back or says so
     idx = seq[:, :5]
-    assert torch.equal(model.generate(idx, 6, top_k=1, fused=True, use_kernel=use_kernel),
-                       model.generate(idx, 6, top_k=1, fused=False, use_kernel=use_kernel))
+    assert torch.equal(generate(model, idx, 6, top_k=1, fused=True, use_kernel=use_kernel),
+                       generate(model, idx, 6, top_k=1, fused=False, use_kernel=use_kernel))
     assert not fused_decode_ok(KVCache(model, 2, 8)) and not fused_decode_ok(KVCache(model, 1, 8, use_kernel=False))
     assert not fused_decode_ok(KVCache(tiny("tpa", kv_shift=True), 1, 8))
     with pytest.raises(ValueError, match="batch-1 T6 / TPA-KVonly"):
@@ -228,11 +228,11 @@ def test_generate_limits_and_stops():
     model = randomize(tiny("tpa"), std=0.1)
     idx = torch.randint(0, V, (2, 10))
     with pytest.raises(ValueError, match="must fit the model's block_size=256"):
-        model.generate(idx, 250, prompt_lens=[10, 8])  # ragged prompts do not slide
-    greedy = model.generate(idx, 6, top_k=1)
+        generate(model, idx, 250, prompt_lens=[10, 8])  # ragged prompts do not slide
+    greedy = generate(model, idx, 6, top_k=1)
     stop = int(greedy[0, 12])  # the third generated token of row 0
     first = 10 + greedy[0, 10:].tolist().index(stop)
-    out = model.generate(idx, 6, top_k=1, stop_tokens={stop})
+    out = generate(model, idx, 6, top_k=1, stop_tokens={stop})
     assert out[0].tolist() == greedy[0, :first + 1].tolist()  # up to and including the first stop token
     assert len(out[1]) == 16 or stop in out[1][10:].tolist()
 
@@ -256,16 +256,16 @@ def test_generation_slides_past_block_size(attn):
     g = torch.Generator().manual_seed(0)
     for T in (5, 16, 23):  # a short prompt, one of block_size, one longer than block_size
         idx = torch.randint(0, V, (2, T), generator=g)
-        cached = model.generate(idx, 40, top_k=1)
+        cached = generate(model, idx, 40, top_k=1)
         assert cached.shape == (2, T + 40) and torch.equal(cached[:, :T], idx)
-        assert torch.equal(cached, model.generate(idx, 40, top_k=1, use_cache=False))  # cached == recomputed
+        assert torch.equal(cached, generate(model, idx, 40, top_k=1, use_cache=False))  # cached == recomputed
         assert torch.equal(cached[:, T:], sliding_reference(model, idx, 40, 16))
     # stop tokens still end generation after a slide
     idx = torch.randint(0, V, (1, 5), generator=g)
-    greedy = model.generate(idx, 40, top_k=1)
+    greedy = generate(model, idx, 40, top_k=1)
     stop = int(greedy[0, 30])  # generated after the first slide (the cache fills at 16 tokens)
     first = 5 + greedy[0, 5:].tolist().index(stop)
-    assert model.generate(idx, 40, top_k=1, stop_tokens={stop})[0].tolist() == greedy[0, :first + 1].tolist()
+    assert generate(model, idx, 40, top_k=1, stop_tokens={stop})[0].tolist() == greedy[0, :first + 1].tolist()
 
 
 @pytest.fixture(scope="module")
