@@ -140,13 +140,20 @@ class KVCache:
 
 
 class LayerCache:
-    """One layer's view of a KVCache: what a mechanism's forward reads and writes (model.Attention)."""
+    """One layer's view of a KVCache during a forward (made by KVCache.layer after begin): what a mechanism reads
+    (model.Attention) and the tensors it writes and reads."""
 
     def __init__(self, cache, i):
         self.cache, self.tensors = cache, cache.layers[i]
+        self.B, self.T = cache.B, cache.T  # rows, new tokens per row
+        self.seqlens, self.mask = cache.seqlens, cache.mask  # (B,) cached before this forward; (B, T, kv_len) or None
+        self.kv_len, self.fresh = cache.kv_len, cache.fresh  # slots attention reads; a prefill into an empty cache
+        self.use_kernel, self.mla_absorb = cache.use_kernel, cache.mla_absorb  # the cache's decoding options
 
-    def __getattr__(self, name):  # seqlens, mask, fresh, kv_len, T, B, key_rope, use_kernel, mla_absorb
-        return getattr(self.cache, name)
+    @property
+    def key_rope(self):
+        """RoPE of the cache positions 0..kv_len-1, built once per forward (KVCache.key_rope)."""
+        return self.cache.key_rope
 
     def write(self, **new):
         """new: name -> (B|1, T, ...) entries of the new tokens, stored at their positions (on CUDA all of a
