@@ -26,6 +26,7 @@ R rank (R_Q, R_K, R_V), M cache length.
 import difflib
 import math
 from dataclasses import dataclass, fields
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -400,6 +401,20 @@ class MLA(Attention):
         return self.attn_core_flops(T, self.head_dim + self.rope_dim, self.v_dim)
 
 
+class Factor(NamedTuple):
+    """One slice of TPA's fused factor projection (c_fact): its kind, "a" (head factor), "b" or "c" (feature
+    factors; c in third order only) or "q" (TPA-KVonly's standard query); what it builds, "q", "k" or "v"; and its
+    shape per token: (H, R) for a, (R, dim) for b and c, (H, D) for the standard query."""
+    kind: str
+    target: str
+    shape: tuple
+
+    @property
+    def name(self):
+        """The key of this factor in the pieces and the decode cache: "ak", "bq", ..., "q"."""
+        return self.kind if self.kind == "q" else self.kind + self.target
+
+
 class TPA(Attention):
     """Tensor product attention (docs/DESIGN.md sec. 1.1-1.3); attn='tpa_kvonly' keeps a standard query projection.
 
@@ -435,22 +450,24 @@ class TPA(Attention):
                                    self.shared_b) and config.tpa_order == 2
         if not self.factor_q:  # a standard query is rank-H TPA with A = H * I (decoding); moves with the model
             self.register_buffer("eye_h", (H * torch.eye(H)).view(1, 1, H, H), persistent=False)
-        # the fused projection: one (name, width, init bound) per output slice
+        # the fused projection: one (Factor, init bound) per output slice
         official = config.tpa_init == "official"
         xavier = lambda n_out: math.sqrt(6 / (C + n_out))
-        parts = [] if self.factor_q else [("q", H * D, xavier(H * D))]  # official c_q: 2-D Xavier
+        parts = [] if self.factor_q else [(Factor("q", "q", (H, D)), xavier(H * D))]  # official c_q: 2-D Xavier
         for n in self.factored:
             R = self.ranks[n]
             if not self.const_a:  # official: xavier_uniform_ on a (C, H, R) view of the weight
-                parts.append(("a" + n, H * R, math.sqrt(6 / (R * (H + C))) if official else xavier(H * R)))
+                parts.append((Factor("a", n, (H, R)), math.sqrt(6 / (R * (H + C))) if official else xavier(H * R)))
             if not self.const_b and not (self.shared_b and n == "v"):
-                for f, fd in zip("bc", self.fdims):  # official: the (C, R, f) view
-                    parts.append((f + n, R * fd, math.sqrt(6 / (fd * (R + C))) if official else xavier(R * fd)))
-        self.names = [p[0] for p in parts]
-        self.sizes = [p[1] for p in parts]
+                for kind, fd in zip("bc", self.fdims):  # official: the (C, R, f) view
+                    parts.append((Factor(kind, n, (R, fd)), math.sqrt(6 / (fd * (R + C))) if official else
+                                  xavier(R * fd)))
+        self.factors = [f for f, _ in parts]
+        self.names = [f.name for f in self.factors]
+        self.sizes = [math.prod(f.shape) for f in self.factors]
         self.c_fact = Linear(C, sum(self.sizes))
         with torch.no_grad():
-            for w, (_, _, bound) in zip(self.c_fact.weight.split(self.sizes, dim=0), parts):
+            for w, (_, bound) in zip(self.c_fact.weight.split(self.sizes, dim=0), parts):
                 w.uniform_(-bound, bound)
         # constant factors, unit variance (the paper's Section 4 writes MHA/MQA/GQA as constant-A TPA)
         if self.const_a:
@@ -461,9 +478,7 @@ class TPA(Attention):
                                              for n in self.factored})
 
     def cache_spec(self):
-        H = self.n_head
-        return {name: (H, self.ranks[name[1]]) if name[0] == "a" else (self.ranks[name[1]], self.fdims["bc".index(name[0])])
-                for name in self.names if name[1:] in ("k", "v")}
+        return {f.name: f.shape for f in self.factors if f.target in ("k", "v")}
 
     def pieces(self, x, rope):
         """x (B, T, C) -> (q (B, T, H, D) for tpa_kvonly else None, {name: contextual factor}).
@@ -473,9 +488,8 @@ class TPA(Attention):
         """
         B, T, _ = x.shape
         p = {}
-        for name, t in zip(self.names, self.c_fact(x).split(self.sizes, dim=-1)):
-            R = self.ranks.get(name[1:], 1)
-            p[name] = t.view(B, T, self.n_head, R) if name[0] == "a" else t.view(B, T, R, -1)
+        for f, t in zip(self.factors, self.c_fact(x).split(self.sizes, dim=-1)):
+            p[f.name] = t.view(B, T, *f.shape)
         cos, sin = rope[self.rope_dim]
         for name in ("bq", "bk"):
             if name in p and not (name == "bk" and self.shared_b):
@@ -553,9 +567,10 @@ class TPA(Attention):
             q = {"q": x.new_empty(1, 1, H, D)}
             q["aq"], q["bq"] = self.eye_h, q["q"]
         # every factor in one kernel: K's and V's into the cache at pos, the query's into q; B_Q, B_K rotated
-        linear_factors(x, self.c_fact.weight, [layer.get(n, q.get(n)) for n in self.names],
-                       [n in ("q", "bq", "bk") for n in self.names], [n in layer for n in self.names], pos, *rope,
-                       norm=True, impl=impl, pdl=True)
+        rotated = [f.kind == "q" or (f.kind == "b" and f.target != "v") for f in self.factors]
+        cached = [f.target in ("k", "v") for f in self.factors]
+        linear_factors(x, self.c_fact.weight, [layer.get(n, q.get(n)) for n in self.names], rotated, cached, pos,
+                       *rope, norm=True, impl=impl, pdl=True)
         y = flashtpa_decode(q["aq"], q["bq"], layer["ak"], layer["bk"], layer["av"], layer["bv"], seqlens=seqlens,
                             impl=impl, pdl=True)  # (1, 1, H, D)
         return linear_one_row(y.view(-1), self.c_proj.weight, residual=x, impl=impl, pdl=True)
