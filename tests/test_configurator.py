@@ -88,8 +88,8 @@ def test_every_entry_point_lists_its_keys_with_defaults_and_comments():
 
 def test_scripts_run_by_path_as_well_as_as_modules():
     """`python scripts/convert.py ...`, the form a nanoGPT user types, finds the repository's modules as
-    `python -m scripts.convert` does: every entry point in scripts/ and eval/ puts the repository root on sys.path
-    before its first import of a repository module (read from its source), and three of them run by path."""
+    `python -m scripts.convert` does: every entry point in scripts/, benchmarks/ and eval/ puts the repository root
+    on sys.path before its first import of a repository module (read from its source), and three of them run by path."""
     import ast
     import glob
     import subprocess
@@ -97,10 +97,10 @@ def test_scripts_run_by_path_as_well_as_as_modules():
 
     from conftest import ROOT, child_env
     ours = ("checkpoint", "common", "configurator", "model", "engine", "data", "eval", "scripts", "tpa_kernels")
-    paths = sorted(p for p in glob.glob("scripts/**/*.py", root_dir=ROOT, recursive=True) + glob.glob("eval/*.py",
-                                                                                                        root_dir=ROOT)
+    paths = sorted(p for d in ("scripts", "benchmarks", "eval")
+                   for p in glob.glob(f"{d}/**/*.py", root_dir=ROOT, recursive=True)
                    if '__name__ == "__main__"' in open(f"{ROOT}/{p}").read())
-    assert "scripts/convert.py" in paths and "eval/harness.py" in paths
+    assert {"scripts/convert.py", "eval/harness.py", "benchmarks/bench_train.py"} <= set(paths)
     for p in paths:
         tree = ast.parse(open(f"{ROOT}/{p}").read())
         fix = next((n.lineno for n in tree.body if isinstance(n, ast.If) and "__package__" in ast.unparse(n.test)

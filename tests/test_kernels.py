@@ -1,7 +1,7 @@
 """FlashTPA decode: the Triton kernel (interpreter on CPU) and both PyTorch references against fp64.
 
 Tolerance in FlashAttention's style: max|kernel - ref_fp64| <= 2 * max|ref_same_precision - ref_fp64| + atol.
-bf16 is checked on the GPU by scripts/bench_decode.py (the interpreter emulates bf16 wrongly).
+bf16 is checked on the GPU by benchmarks/bench_decode.py (the interpreter emulates bf16 wrongly).
 """
 
 import math

@@ -1,4 +1,4 @@
-"""scripts/check_targets.py: a recorded kernel launch compiles for GPUs that are not here (ptxas, on the CPU), and
+"""benchmarks/check_targets.py: a recorded kernel launch compiles for GPUs that are not here (ptxas, on the CPU), and
 the fit rule holds each target to its shared memory and register file."""
 
 import json
@@ -11,7 +11,7 @@ from conftest import ROOT, child_env
 
 pytest.importorskip("triton")
 
-from scripts import check_targets  # noqa: E402
+from benchmarks import check_targets  # noqa: E402
 
 
 def test_fit_rule_uses_each_targets_limits():
@@ -25,7 +25,7 @@ def test_fit_rule_uses_each_targets_limits():
 PROBE = r"""
 import json, torch
 torch.cuda.is_available = lambda: True  # the kernels are defined (compiled here for other GPUs, never launched)
-from scripts import check_targets
+from benchmarks import check_targets
 t = {"tensor": "float32", "aligned": True}
 launch = dict(module="tpa_kernels.flashtpa", name="_flashtpa_combine_kernel",
               args=[t, t, {"tensor": "bfloat16", "aligned": True}, 8, 256, 64, 4, 8, 4, 64, 64],

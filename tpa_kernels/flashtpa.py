@@ -359,7 +359,7 @@ def _num_sms(device):
 
 
 def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1):
-    """(block_m, prefetch, a_dot, num_stages, programs per SM): the fastest found with scripts/bench_decode.py --tune
+    """(block_m, prefetch, a_dot, num_stages, programs per SM): the fastest found with benchmarks/bench_decode.py --tune
     (the timings behind each choice: benchmarks/RESULTS.md, "Figures behind the code's choices"). programs: sequences
     x row blocks, the grid's other axes.
     per_rank (one product per rank, see flashtpa_decode_triton): 64 positions, 3 stages, 1 program per SM; 64 rows:
@@ -464,7 +464,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
 
     try:
         run(BLOCK_M, num_stages or stages, prefetch, a_dot, num_splits)
-    except OutOfResources as e:  # a GPU with less shared memory than these tiles need (scripts/check_targets.py:
+    except OutOfResources as e:  # a GPU with less shared memory than these tiles need (benchmarks/check_targets.py:
         # none of the common ones); the smallest tiles, unpipelined, fit every GPU Triton supports
         if str(dev) not in _SMALL_TILES_WARNED:
             _SMALL_TILES_WARNED.add(str(dev))

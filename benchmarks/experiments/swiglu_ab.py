@@ -1,9 +1,9 @@
 """
 A/B of SwiGLU's gate in the compiled training step (GPU): tpa_kernels.swiglu (the model's) against the plain PyTorch gate
 that torch.compile fuses itself, for Small T6 and Small MHA, in one process; the step and the numbers of
-scripts/profile_train.py. The FX-graph and AOT caches are turned off so that every variant compiles.
+benchmarks/profile_train.py. The FX-graph and AOT caches are turned off so that every variant compiles.
 
-    python -m scripts.experiments.swiglu_ab        # benchmarks/RESULTS.md, training, "Session 10"
+    python -m benchmarks.experiments.swiglu_ab        # benchmarks/RESULTS.md, training, "Session 10"
 """
 
 import os
@@ -13,10 +13,10 @@ import torch
 import torch._functorch.config as functorch_config
 import torch._inductor.config as inductor_config
 
-if __package__ in (None, ""):  # run as `python scripts/experiments/swiglu_ab.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/experiments/swiglu_ab.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import model
-import scripts.profile_train as pt
+import benchmarks.profile_train as pt
 from tpa_kernels.mlp import swiglu, swiglu_ref
 
 inductor_config.fx_graph_cache = False

@@ -1,8 +1,8 @@
 """
 GPU checks of batch-1 decoding's fused path (engine.fused_decode_step and the kernels it chains), on a CUDA GPU:
 
-    python -m scripts.check_decode                                   # everything
-    python -m scripts.check_decode --models=tpa_kvonly:bfloat16      # only part 3, for these models
+    python -m benchmarks.check_decode                                   # everything
+    python -m benchmarks.check_decode --models=tpa_kvonly:bfloat16      # only part 3, for these models
 
 1. FlashTPA with programmatic dependent launch (pdl=True: the first cache block is loaded before the wait, except
    rows of the new tokens) gives bit-identical outputs to the plain launch, bf16, several shapes and lengths.
@@ -21,7 +21,7 @@ import sys
 
 import torch
 
-if __package__ in (None, ""):  # run as `python scripts/check_decode.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/check_decode.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels.dispatch import PDL_OFF, pdl_supported
 from tpa_kernels.flashtpa import flashtpa_decode_triton

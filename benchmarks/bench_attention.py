@@ -3,7 +3,7 @@ Causal attention of one Small layer (B=16, T=1024, D=64, bf16) on a CUDA GPU, fo
 T6's 34 heads and MHA's 12, with each SDPA backend and with FlexAttention (compiled): which kernel training should
 use, and how far attention is from the GEMMs' efficiency. Timed inside CUDA graphs.
 
-    python -m scripts.bench_attention
+    python -m benchmarks.bench_attention
 """
 
 import torch

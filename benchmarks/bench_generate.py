@@ -1,8 +1,8 @@
 """
 Decoding speed of whole models: Medium-size models of every mechanism (random weights, bf16), on a CUDA GPU.
 
-    python -m scripts.bench_generate                      # B in {1, 16}, contexts 1K, 8K, 32K
-    python -m scripts.bench_generate --quick
+    python -m benchmarks.bench_generate                      # B in {1, 16}, contexts 1K, 8K, 32K
+    python -m benchmarks.bench_generate --quick
 
 For each (mechanism, B, context) the cache is filled with random values up to the context, and decode steps
 (one token per sequence) are timed with CUDA events in each --modes: "fused graph" (batch-1 T6 only:
@@ -21,11 +21,11 @@ import sys
 
 import torch
 
-if __package__ in (None, ""):  # run as `python scripts/bench_generate.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/bench_generate.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine import KVCache, compiled_decode_step, cuda_graph_step, fused_decode_ok, fused_decode_step
 from model import GPT, model_config
-from scripts.bench_decode import copy_bandwidth
+from benchmarks.bench_decode import copy_bandwidth
 
 ATTNS = ["tpa", "tpa_kvonly", "mha", "mqa", "gqa", "mla"]
 

@@ -1,8 +1,8 @@
 """
 Whether every Triton kernel config the dispatch can pick fits the GPUs users have; runs on a CPU, no GPU needed.
 
-    python -m scripts.check_targets                     # the table: every kernel config x sm_70 ... sm_90
-    python -m scripts.check_targets --out=benchmarks/targets.json
+    python -m benchmarks.check_targets                     # the table: every kernel config x sm_70 ... sm_90
+    python -m benchmarks.check_targets --out=benchmarks/targets.json
 
 The kernels' own dispatch code runs on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1) for the shapes
 the models produce: every size (Small to XL) of T6, TPA-KVonly and MHA, bf16 / fp16 / fp32, a training step (RoPE,
@@ -27,7 +27,7 @@ import tempfile
 import torch
 import triton
 
-if __package__ in (None, ""):  # run as `python scripts/check_targets.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/check_targets.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # per-block shared memory (opt-in maximum) and registers per SM, from the CUDA programming guide's tables
@@ -178,7 +178,7 @@ def main():
             json.dump(record_launches(), f)
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         try:
-            return subprocess.run([sys.executable, "-m", "scripts.check_targets", f"--launches={f.name}",
+            return subprocess.run([sys.executable, "-m", "benchmarks.check_targets", f"--launches={f.name}",
                                    f"--targets={args.targets}", f"--out={args.out}"], env=env).returncode
         finally:
             os.unlink(f.name)

@@ -1,9 +1,9 @@
 """
 Training throughput: runs train.py for a few iterations per setting and reads its metrics.jsonl.
 
-    python -m scripts.bench_train --data_dir=data/wiki                        # Small T6 vs MHA, mb 16 x 1024
-    python -m scripts.bench_train --data_dir=data/wiki --runs=medium_tpa:20,xl_tpa:6
-    python -m scripts.bench_train --data_dir=data/wiki --runs=small_tpa:16 --nproc=2   # DDP scaling
+    python -m benchmarks.bench_train --data_dir=data/wiki                        # Small T6 vs MHA, mb 16 x 1024
+    python -m benchmarks.bench_train --data_dir=data/wiki --runs=medium_tpa:20,xl_tpa:6
+    python -m benchmarks.bench_train --data_dir=data/wiki --runs=small_tpa:16 --nproc=2   # DDP scaling
 
 A run is config_name:micro_batch (one micro-step per GPU per iteration, compiled, bf16 autocast; --grad_accum=K
 makes K micro-steps per GPU per iteration, as the configs' global batch does: the optimizer step is then shared by
@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 
-if __package__ in (None, ""):  # run as `python scripts/bench_train.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/bench_train.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 

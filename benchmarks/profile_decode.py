@@ -2,17 +2,17 @@
 Where a decode step's time goes: torch.profiler over replays of the compiled, CUDA-graph-captured decode step of
 a Medium model (random weights, bf16), on a CUDA GPU.
 
-    python -m scripts.profile_decode                        # T6, batch 1, 32K context
-    python -m scripts.profile_decode --attn=mha --B=16 --context=8192
-    python -m scripts.profile_decode --fused               # T6's batch-1 fused step (engine.fused_decode_step)
-    python -m scripts.profile_decode --ablate              # the fused step timed whole, without FlashTPA's
+    python -m benchmarks.profile_decode                        # T6, batch 1, 32K context
+    python -m benchmarks.profile_decode --attn=mha --B=16 --context=8192
+    python -m benchmarks.profile_decode --fused               # T6's batch-1 fused step (engine.fused_decode_step)
+    python -m benchmarks.profile_decode --ablate              # the fused step timed whole, without FlashTPA's
                                                            # combine, and without attention (timing only)
 
 Prints the kernels per step, the kernel time per step by group (matrix-vector products, FlashTPA, its combine,
 cache writes, other fused kernels) and the top kernels. Kernel times under the profiler run ~10% above an
-unprofiled step (scripts/bench_generate.py times those); with the fused step's dependent launches, kernels overlap
+unprofiled step (benchmarks/bench_generate.py times those); with the fused step's dependent launches, kernels overlap
 and their times add up to more than the step. --ablate answers the question without the profiler's overlap: the
-fused step (batch 1) timed as scripts/bench_generate.py times it, whole, with FlashTPA's combine kernel not launched,
+fused step (batch 1) timed as benchmarks/bench_generate.py times it, whole, with FlashTPA's combine kernel not launched,
 and with attention replaced by an empty output (the matrix-vector chain alone); the results of the ablated steps
 are wrong by construction and only their times are used.
 """
@@ -25,13 +25,13 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-if __package__ in (None, ""):  # run as `python scripts/profile_decode.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/profile_decode.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tpa_kernels.flashtpa
 import engine
 from engine import KVCache, compiled_decode_step, cuda_graph_step, fused_decode_step
-from scripts.bench_decode import copy_bandwidth
-from scripts.bench_generate import build, time_decode
+from benchmarks.bench_decode import copy_bandwidth
+from benchmarks.bench_generate import build, time_decode
 
 GROUPS = [("matrix-vector (tpa_kernels/gemv.py)", ("_gemv_kernel", "_gemv_factors_kernel")),
           ("FlashTPA", ("_flashtpa_decode_kernel",)),

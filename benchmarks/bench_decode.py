@@ -1,10 +1,10 @@
 """
 Decode-attention benchmark (paper Sec. 6.2, Figure 5): one layer, one decode step, on a CUDA GPU.
 
-    python -m scripts.bench_decode                       # the full sweep -> benchmarks/decode.csv, decode.png
-    python -m scripts.bench_decode --quick               # d_model 2048, B 1/8/16, M 2^12, 2^16, 2^18 (~2 min),
+    python -m benchmarks.bench_decode                       # the full sweep -> benchmarks/decode.csv, decode.png
+    python -m benchmarks.bench_decode --quick               # d_model 2048, B 1/8/16, M 2^12, 2^16, 2^18 (~2 min),
                                                          # -> benchmarks/decode_quick.csv
-    python -m scripts.bench_decode --check_only          # bf16 correctness of the kernel only
+    python -m benchmarks.bench_decode --check_only          # bf16 correctness of the kernel only
 
 For B in {1, 8, 16}, d_model in {1024, 2048, 3072} (H = 16, 32, 48; D = 64) and M = 2^12 ... 2^19 (where the
 cache fits): FlashTPA with ranks (16,1,1) and (6,2,2), F.scaled_dot_product_attention (flash backend) for MHA,
@@ -30,7 +30,7 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from triton.testing import do_bench_cudagraph
 
-if __package__ in (None, ""):  # run as `python scripts/bench_decode.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/bench_decode.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels.flashtpa import flashtpa_decode_ref, flashtpa_decode_triton
 

@@ -3,7 +3,7 @@ Batch-1 decoding's weight matmuls on a CUDA GPU: tpa_kernels/gemv.py's matrix-ve
 for every distinct weight shape of a model (default: Medium T6), bf16, inside CUDA graphs. Bandwidth is the
 weight's bytes over the time, with the device-to-device copy bandwidth measured in the same run.
 
-    python -m scripts.bench_gemv [--size=medium --attn=tpa]
+    python -m benchmarks.bench_gemv [--size=medium --attn=tpa]
 """
 
 import argparse
@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from triton.testing import do_bench_cudagraph
 
-if __package__ in (None, ""):  # run as `python scripts/bench_gemv.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/bench_gemv.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels import linear_one_row
 from model import GPT, model_config

@@ -1,10 +1,10 @@
 """
 Where a training step's time goes: torch.profiler over compiled training steps (bf16 autocast, fused AdamW, one
-micro-step of random tokens per step, as scripts/bench_train.py's runs), on a CUDA GPU.
+micro-step of random tokens per step, as benchmarks/bench_train.py's runs), on a CUDA GPU.
 
-    python -m scripts.profile_train                                    # Small T6 and Small MHA, micro-batch 16
-    python -m scripts.profile_train --attns=tpa --size=medium --batch_size=20
-    python -m scripts.profile_train --attns=tpa,mha --mode=reduce-overhead   # torch.compile's mode
+    python -m benchmarks.profile_train                                    # Small T6 and Small MHA, micro-batch 16
+    python -m benchmarks.profile_train --attns=tpa --size=medium --batch_size=20
+    python -m benchmarks.profile_train --attns=tpa,mha --mode=reduce-overhead   # torch.compile's mode
 
 Per mechanism: the step's wall time (CUDA events, no profiler) and MFU, then the kernel time per step by group
 (SDPA attention forward and backward, cuBLAS GEMMs, the repo's Triton ops, torch.compile's fused kernels, the
@@ -22,7 +22,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-if __package__ in (None, ""):  # run as `python scripts/profile_train.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/profile_train.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import peak_flops
 from model import GPT, model_config
@@ -108,7 +108,7 @@ def main():
     parser.add_argument("--top", type=int, default=8, help="print this many of the longest kernels")
     args = parser.parse_args()
     if not torch.cuda.is_available():
-        raise SystemExit("scripts.profile_train profiles CUDA kernels: run it on a machine with a CUDA GPU")
+        raise SystemExit("benchmarks.profile_train profiles CUDA kernels: run it on a machine with a CUDA GPU")
     if peak_flops(torch.cuda.get_device_name()) is None:
         print(f"warning: no peak FLOP/s known for {torch.cuda.get_device_name()!r} (model.PEAK_FLOPS): MFU shows nan")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

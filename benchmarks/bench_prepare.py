@@ -1,7 +1,7 @@
 """
 Data-prep throughput and peak memory for 1, 2, 4, 8, 16 workers.
 
-    python -m scripts.bench_prepare --source=path/to/enwiki_wikiextractor_train.jsonl.xz --repeat=4
+    python -m benchmarks.bench_prepare --source=path/to/enwiki_wikiextractor_train.jsonl.xz --repeat=4
 
 The source (JSON lines, optionally compressed) is first written as parquet (FineWeb-Edu's format, the path the
 hub data takes) and as plain JSON lines, `repeat` times over, so that the runs are long enough to time; this is
@@ -20,7 +20,7 @@ import time
 
 import psutil
 
-if __package__ in (None, ""):  # run as `python scripts/bench_prepare.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/bench_prepare.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data.prepare as prep
 

@@ -5,7 +5,7 @@ backward, at Small's shapes (micro-batch 16 x 1024, bf16):
   - RoPE (tpa_kernels/rope.py) of MHA's q: a strided slice of the fused projection, H = 12, D = 64;
   - cross-entropy (tpa_kernels/cross_entropy.py) over the 50304-token vocabulary.
 
-    python -m scripts.bench_train_kernels [--out=benchmarks/train_kernels.jsonl]
+    python -m benchmarks.bench_train_kernels [--out=benchmarks/train_kernels.jsonl]
 
 Each case is timed inside a CUDA graph (triton.testing.do_bench_cudagraph), so the times are the GPU's, not
 the Python and autograd overhead of launching a few kernels (hidden in a real training step). Memory traffic
@@ -20,7 +20,7 @@ import sys
 import torch
 from triton.testing import do_bench_cudagraph
 
-if __package__ in (None, ""):  # run as `python scripts/bench_train_kernels.py`: make the repository root importable
+if __package__ in (None, ""):  # run as `python benchmarks/bench_train_kernels.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tpa_kernels import apply_rope, cross_entropy_loss, tpa_materialize
 from model import rope_tables
