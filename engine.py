@@ -22,6 +22,7 @@ import functools
 import torch
 
 from tpa_kernels import linear_one_row, pick, write_rows
+from tpa_kernels.dispatch import choice, overrides
 
 
 # -----------------------------------------------------------------------------
@@ -33,7 +34,7 @@ class KVCache:
     each (B, max_len, ...), and seqlens (B,), the number of positions cached for every row.
 
     Options: use_kernel (TPA: FlashTPA on CUDA, else its PyTorch reference; False: the reference; "triton": the
-    kernel wherever Triton runs, CPU tensors with TRITON_INTERPRET=1), mla_absorb (MLA: latent-space decoding;
+    kernel wherever Triton runs, CPU tensors with TRITON_INTERPRET=1) and mla_absorb (MLA: latent-space decoding;
     False materialises K and V), position_minor (store TPA's A factors position-minor, as FlashTPA streams them).
 
     Bookkeeping, owned here: length is a host-side upper bound of seqlens, so that no step needs a device sync;
@@ -47,7 +48,9 @@ class KVCache:
         p = model.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
         self.model, self.B, self.max_len = model, batch_size, max_len
-        self.use_kernel, self.mla_absorb = use_kernel, mla_absorb
+        # kernel choices: the model reads them from the dispatch, set (overrides) around every step driven here
+        self.choices = dict(flashtpa="ref" if not use_kernel else "triton" if use_kernel == "triton" else None,
+                            mla_absorb=mla_absorb)
         minor = lambda attn, name: position_minor and name in attn.position_minor
         self.layers = [{name: self._zeros(batch_size, max_len, shape, minor(block.attn, name), device, dtype)
                         for name, shape in block.attn.cache_spec().items()} for block in model.transformer.h]
@@ -84,7 +87,8 @@ class KVCache:
             raise ValueError("prefill needs an empty cache (reset() it); cache.step(tokens) adds tokens to a full one")
         self._check_room(B, T)
         self.fresh, self.kv_len, self.uniform = True, T, lens is None
-        logits, _ = self.model(idx, all_logits=True, cache=self)
+        with overrides(**self.choices):
+            logits, _ = self.model(idx, all_logits=True, cache=self)
         self.fresh, self.length = False, T
         if lens is not None:
             self.seqlens.copy_(torch.as_tensor(lens, device=self.seqlens.device, dtype=torch.long))
@@ -97,7 +101,8 @@ class KVCache:
         self._check_room(*tok.shape)
         self.length += tok.size(1)
         self.kv_len = self.length  # an upper bound of every row's seqlens, known without a device sync
-        return (decode or decode_step)(tok, self)
+        with overrides(**self.choices):
+            return (decode or decode_step)(tok, self)
 
     def seek(self, length):
         """Set every row's length to length (the entries below are taken as they are: benchmarks fill a cache with
@@ -148,7 +153,6 @@ class LayerCache:
         self.B, self.T = cache.B, cache.T  # rows, new tokens per row
         self.seqlens, self.mask = cache.seqlens, cache.mask  # (B,) cached before this forward; (B, T, kv_len) or None
         self.kv_len, self.fresh = cache.kv_len, cache.fresh  # slots attention reads; a prefill into an empty cache
-        self.use_kernel, self.mla_absorb = cache.use_kernel, cache.mla_absorb  # the cache's decoding options
 
     @property
     def key_rope(self):
@@ -205,7 +209,8 @@ def fused_decode_ok(cache):
     """Whether fused_decode_step serves this cache: batch 1, the kernels allowed, and every layer's attention able to
     (model.Attention.supports_fused: T6 and TPA-KVonly without gate, KV shift, constant or shared factors, third
     order)."""
-    return cache.B == 1 and bool(cache.use_kernel) and all(b.attn.supports_fused for b in cache.model.transformer.h)
+    return (cache.B == 1 and cache.choices["flashtpa"] != "ref"
+            and all(b.attn.supports_fused for b in cache.model.transformer.h))
 
 
 def fused_decode_step(tok, cache):
@@ -218,7 +223,7 @@ def fused_decode_step(tok, cache):
         raise ValueError("fused_decode_step serves batch-1 T6 / TPA-KVonly models (see fused_decode_ok), one token "
                          "per step")
     model = cache.model
-    impl = "triton" if cache.use_kernel == "triton" else pick(tok)
+    impl = choice("flashtpa") or pick(tok)  # "triton" where the tests force it, else the dispatch
     pos = cache.seqlens  # (1,) the new token's position
     seqlens = pos + 1  # computed before the chain: FlashTPA reads it before waiting for the previous kernel
     rope = model.rope_buffers(model.config.head_dim)
@@ -242,13 +247,13 @@ def cuda_graph_step(cache, decode=None):
     saved = cache.seqlens.clone()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles the Triton kernels); the writes are overwritten later
-        for _ in range(3):
+    with torch.cuda.stream(stream), overrides(**cache.choices):  # warm up (compiles the Triton kernels); the writes
+        for _ in range(3):  # are overwritten later
             decode(static_tok, cache)
             cache.seqlens.copy_(saved)
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    with torch.cuda.graph(graph), overrides(**cache.choices):  # the graph keeps the kernels chosen here
         static_logits = decode(static_tok, cache)
     cache.seqlens.copy_(saved)  # capturing does not run the step
 

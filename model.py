@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from tpa_kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_factors,
                          linear_one_row, pick, swiglu, tpa_materialize)
+from tpa_kernels.dispatch import choice
 
 
 # -----------------------------------------------------------------------------
@@ -371,7 +372,7 @@ class MLA(Attention):
             cache.write(c_kv=c_kv, k_pe=k_pe)
             if not cache.fresh:
                 c_kv, k_pe, mask, causal = cache.read("c_kv"), cache.read("k_pe"), cache.mask, False
-                if cache.mla_absorb and self.shift is None:
+                if choice("mla_absorb") and self.shift is None:
                     return self.output(self.absorbed(q_nope, q_pe, c_kv, k_pe, mask), x)
         M = c_kv.size(1)
         k_nope, v = self.kv_b_proj(c_kv).view(B, M, H, D + self.v_dim).split([D, self.v_dim], dim=-1)
@@ -551,8 +552,7 @@ class TPA(Attention):
             aq, bq = aq.expand(B, T, -1, -1), bq.expand(B, T, -1, -1)
         else:  # a standard query is rank-H TPA with A = H * I
             aq, bq = self.eye_h.to(q.dtype).expand(B, T, H, H), q
-        use = cache.use_kernel
-        impl = "triton" if use == "triton" else (pick(bq, T <= 16) if use else "ref")  # long chunks: materialised
+        impl = choice("flashtpa") or pick(bq, T <= 16)  # a caller's choice, else the dispatch (long chunks: reference)
         return flashtpa_decode(aq, bq, *factors, seqlens=cache.seqlens + T, impl=impl)
 
     def fused_decode(self, x, layer, pos, seqlens, rope, impl):

@@ -1,9 +1,11 @@
 """The one kernel dispatch (tpa_kernels/dispatch.py): its switches and its warning, checked in fresh processes (the
-switches are read when the kernels are imported) with a stand-in CUDA device."""
+switches are read when the kernels are imported) with a stand-in CUDA device; the choices a caller sets."""
 
 import json
 import subprocess
 import sys
+
+import pytest
 
 from conftest import ROOT, child_env
 
@@ -50,3 +52,18 @@ def test_a_triton_without_the_pdl_intrinsics_warns_once_and_runs_the_references(
     r = probe("old_triton")
     assert (r["kernels"], r["defined"], r["pick"]) == (False, False, "ref")
     assert len(r["warnings"]) == 1 and "triton cannot be used" in r["warnings"][0] and "gdc_" in r["warnings"][0]
+
+
+def test_overrides_set_kernel_choices_for_a_block():
+    """The choices a caller sets for a block of code (engine.KVCache sets its options so around each step): nested
+    blocks win for their keys, and the defaults come back after; unknown choices are refused."""
+    from tpa_kernels.dispatch import choice, overrides
+    assert (choice("flashtpa"), choice("mla_absorb")) == (None, True)
+    with overrides(flashtpa="ref"):
+        with overrides(mla_absorb=False):
+            assert (choice("flashtpa"), choice("mla_absorb")) == ("ref", False)
+        assert (choice("flashtpa"), choice("mla_absorb")) == ("ref", True)
+    assert choice("flashtpa") is None
+    with pytest.raises(ValueError, match="unknown kernel choices"):
+        with overrides(flash=True):
+            pass

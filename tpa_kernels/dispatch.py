@@ -1,5 +1,5 @@
-"""The one kernel dispatch: whether the Triton kernels can run here, which implementation an op call gets, and the
-two switches.
+"""The one kernel dispatch: whether the Triton kernels can run here, which implementation an op call gets, the
+two switches, and the choices a caller sets for a block of code (overrides).
 
     TPA_KERNELS=ref   every op runs its PyTorch reference (A/B runs, debugging, a GPU on which a kernel fails)
     TPA_PDL=0         no programmatic dependent launch, the Hopper-only launch feature of the decode kernels:
@@ -15,6 +15,7 @@ Each op's impl argument: None (the dispatch below: the kernel for CUDA tensors o
 (the kernel, wherever Triton runs; the tests use it on CPU) or "ref".
 """
 
+import contextlib
 import os
 import warnings
 
@@ -46,6 +47,35 @@ if torch.cuda.is_available() and not KERNELS:
 def pick(t, fits=True):
     """impl for an op call on tensor t: "triton" for a CUDA tensor of a shape the kernel takes (fits), else "ref"."""
     return "triton" if KERNELS and t.is_cuda and fits else "ref"
+
+
+DEFAULTS = dict(flashtpa=None, mla_absorb=True)
+_chosen = {}  # what the innermost overrides() blocks set
+
+
+@contextlib.contextmanager
+def overrides(**choices):
+    """Kernel choices for the code inside the block, read by the model's decoding (choice(name)); a nested block
+    wins for its keys. engine.KVCache sets its options this way around every step it drives.
+      flashtpa: None (the dispatch: FlashTPA for CUDA tensors, its reference elsewhere), "ref" (the reference:
+        TPA decodes through it, the fused batch-1 step is off), "triton" (the kernel wherever Triton runs: CPU tensors
+        in the interpreter, as the tests do);
+      mla_absorb: True (MLA decodes in the latent space) or False (it materialises K and V)."""
+    unknown = sorted(set(choices) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown kernel choices {unknown}; known: {sorted(DEFAULTS)}")
+    saved = dict(_chosen)
+    _chosen.update(choices)
+    try:
+        yield
+    finally:
+        _chosen.clear()
+        _chosen.update(saved)
+
+
+def choice(name):
+    """The value of a kernel choice here: the innermost overrides() block's, else its default."""
+    return _chosen.get(name, DEFAULTS[name])
 
 
 def pdl_supported(device):
