@@ -54,7 +54,8 @@ SPIKE_GRAD = 4.0  # a window's largest gradient norm above this many times the m
 SPIKE_LOSS = 0.1  # a window's mean training loss above the previous window's by more than this (nats)
 # config keys that follow another or the budget: not grid axes of their own
 DERIVED = ("max_iters", "lr_decay_iters", "budget")
-SHORT = dict(learning_rate="lr", min_lr="min_lr", warmup_iters="warmup", weight_decay="wd")
+# short names of settings in grid-point labels and run names
+SHORT = dict(learning_rate="lr", min_lr="min_lr", warmup_iters="warmup", weight_decay="wd", batch_size="bs")
 
 # keys of the config that name a run rather than define it: left out of the settings tables
 RUN_KEYS = ("out_dir", "seed", "variant", "wandb_run_name", "init_from", "dry_run")

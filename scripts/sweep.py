@@ -16,7 +16,7 @@ max_iters: the cosine ends with the budget, unless a setting above names it), va
 Runs: every variant x every point of the grid x every seed. `grid` makes any train.py key an axis, e.g.
 grid = dict(learning_rate=[3e-4, 6e-4, 1e-3]) (a variant's own `grid` replaces the sweep's for it); on a
 learning_rate axis min_lr follows the LR (min_lr_ratio). A run is named by its settings: <variant>_s<seed>,
-or with a grid <variant>_lr6e-4_s<seed> (lr, minlr, wu, wd, bs abbreviate learning_rate, min_lr, warmup_iters,
+or with a grid <variant>_lr6e-4_s<seed> (lr, min_lr, warmup, wd, bs abbreviate learning_rate, min_lr, warmup_iters,
 weight_decay, batch_size; other keys keep their names). `best_seeds` are further seeds run only at each
 variant's best grid point (the lowest mean final validation loss over `seeds`) once its grid has finished.
 
@@ -58,7 +58,7 @@ if __package__ in (None, ""):  # run as `python scripts/sweep.py`: make the repo
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoint import checkpoint_iter, list_checkpoints
 from configurator import configure
-from scripts.compare import value_name
+from scripts.compare import SHORT, value_name
 
 # -----------------------------------------------------------------------------
 # defaults; a sweep file and --key=value override them
@@ -188,7 +188,6 @@ def stream(cmd, log_path, prefix, on_line=None, pass_fds=()):
     return p.returncode
 
 
-SHORT = dict(learning_rate="lr", min_lr="minlr", warmup_iters="wu", weight_decay="wd", batch_size="bs")
 BUDGETS = ("max_iters", "max_tokens", "max_flops", "max_seconds", "time_of")
 
 
@@ -304,9 +303,9 @@ def check_data(runs):
             raise SystemExit(f"data error for {who}: {e}")
 
 
-def resolve(runs, sweep, calibration=None):
-    """Check every run's settings (train.py --dry_run=True) and its data; set its config, max_iters and budget.
-    A time budget needs calibration ({label: tokens/s}); without it max_iters stays None."""
+def resolve(runs, sweep):
+    """Check every run's settings (train.py --dry_run=True) and its data; set its config, max_iters and budget
+    (a time budget's max_iters stays None until prepare() has the calibration)."""
     results = dry_runs(runs)
     for run in runs:
         run.config, run.info = results[run.label]
@@ -314,7 +313,7 @@ def resolve(runs, sweep, calibration=None):
             raise SystemExit(f"{run.label}: gradient_accumulation_steps={run.config['gradient_accumulation_steps']} "
                              f"(global) is not divisible by nproc={sweep['nproc']}")
     check_data(runs)
-    set_budget(runs, sweep, calibration)
+    set_budget(runs, sweep)
 
 
 def set_budget(runs, sweep, calibration=None):
