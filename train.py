@@ -125,6 +125,8 @@ def get_lr(it):
 
 
 def git_commit():
+    if os.environ.get("GIT_COMMIT"):  # the code was copied without its .git (a job snapshot): the sender names it
+        return os.environ["GIT_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
         sha = subprocess.check_output(["git", "rev-parse", "HEAD"], cwd=here, stderr=subprocess.DEVNULL).decode().strip()
