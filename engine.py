@@ -35,7 +35,7 @@ class KVCache:
 
     Options: use_kernel (TPA: FlashTPA on CUDA, else its PyTorch reference; False: the reference; "triton": the
     kernel wherever Triton runs, CPU tensors with TRITON_INTERPRET=1) and mla_absorb (MLA: latent-space decoding;
-    False materialises K and V), position_minor (store TPA's A factors position-minor, as FlashTPA streams them).
+    False materialises K and V).
 
     Bookkeeping, owned here: length is a host-side upper bound of seqlens, so that no step needs a device sync;
     kv_len is how many slots attention reads (length, or max_len under a CUDA graph, whose shapes are fixed);
@@ -43,30 +43,17 @@ class KVCache:
     one length with kv_len = seqlens + T, where a one-token step needs no mask.
     """
 
-    def __init__(self, model, batch_size, max_len, device=None, dtype=None, position_minor=False, use_kernel=True,
-                 mla_absorb=True):
+    def __init__(self, model, batch_size, max_len, device=None, dtype=None, use_kernel=True, mla_absorb=True):
         p = model.lm_head.weight
         device, dtype = device or p.device, dtype or p.dtype
         self.model, self.B, self.max_len = model, batch_size, max_len
         # kernel choices: the model reads them from the dispatch, set (overrides) around every step driven here
         self.choices = dict(flashtpa="ref" if not use_kernel else "triton" if use_kernel == "triton" else None,
                             mla_absorb=mla_absorb)
-        minor = lambda attn, name: position_minor and name in attn.position_minor
-        self.layers = [{name: self._zeros(batch_size, max_len, shape, minor(block.attn, name), device, dtype)
+        self.layers = [{name: torch.zeros(batch_size, max_len, *shape, device=device, dtype=dtype)
                         for name, shape in block.attn.cache_spec().items()} for block in model.transformer.h]
         self.seqlens = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.reset()
-
-    @staticmethod
-    def _zeros(B, L, shape, minor, device, dtype):
-        """(B, L, *shape) zeros; minor: stored position-minor ((B, *shape, L8), viewed as (B, L, *shape)), so that a
-        feature's values over the positions are contiguous (FlashTPA streams TPA's A factors that way). L8 is L
-        rounded up to a multiple of 8 (at most 7 unused slots, not counted by nbytes): every feature's run then
-        starts 16-byte aligned, which the kernel's 16-byte copies need."""
-        if minor:
-            L8 = -(-L // 8) * 8
-            return torch.zeros(B, *shape, L8, device=device, dtype=dtype)[..., :L].movedim(-1, 1)
-        return torch.zeros(B, L, *shape, device=device, dtype=dtype)
 
     def nbytes(self):
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())

@@ -235,7 +235,6 @@ class Attention(nn.Module):
         causal pass, or a LayerCache: the new tokens' entries are written to it, then the queries attend
         to everything cached (or, for a prefill into an empty cache, to the new tokens only).
       cache_spec() -> {name: per-token shape} of what the decode cache holds for this layer.
-      position_minor: names of cache_spec that KVCache(position_minor=True) stores position-minor.
       supports_fused: whether fused_decode(x, layer, pos, seqlens, rope, impl) runs this layer's attention for
         one token at batch 1 as a chain of fused kernels (engine.fused_decode_step); only T6's plain forms do.
       kv_cache_elems_per_token() -> elements cached per token in this layer.
@@ -243,7 +242,6 @@ class Attention(nn.Module):
         causal sequence of length T.
     """
 
-    position_minor = ()
     supports_fused = False
 
     def __init__(self, config, n_head, v_dim, n_kv_head=None):
@@ -429,11 +427,7 @@ class TPA(Attention):
     B = b (x) c with b in R^db (rotated by a db-dimensional RoPE) and c in R^dc (App. C, Theorem C.1).
     The cache holds the contextual factors ("pieces": ak, bk, [ck,] av, bv, [cv]); decoding reassembles
     A and B and calls FlashTPA (tpa_kernels/flashtpa.py) on CUDA, its PyTorch reference elsewhere.
-    KVCache(position_minor=True) keeps the A factors position-minor ((B, H, R, L) storage), so that FlashTPA
-    reads each rank's (heads, positions) tile in 16-byte rows whatever H * R is; faster for the kernel alone at
-    2^18 positions, slower inside the Medium T6 decode step on an H100 (benchmarks/RESULTS.md): off by default.
     """
-    position_minor = ("ak", "av")
 
     def __init__(self, config):
         H, D, C = config.n_head, config.head_dim, config.n_embd

@@ -16,7 +16,7 @@ OPCHECK_UTILS = ("test_schema", "test_autograd_registration") + (  # fake-tensor
 
 def case(B, T, L, feats, n_extra=0, seed=0, minor=False):
     """Destinations (B, L, *f) and sources (B, T, *f) of several dtypes and layouts, distinct positions per row;
-    minor: every other destination position-minor ((B, *f, L) storage, as engine.KVCache keeps TPA's A factors)."""
+    minor: every other destination position-minor ((B, *f, L) storage): the kernel writes any evenly strided run."""
     g = torch.Generator().manual_seed(seed)
     dsts, srcs = [], []
     for i, f in enumerate(feats):

@@ -82,7 +82,7 @@ def test_op_schema():
 
 def factor_case(dtype, H=5, R=(3, 2, 1), D=8, L=11, K=40, seed=0, minor=False):
     """T6's pieces of one token: aq, bq (query buffers), ak, bk, av, bv (cache tensors); bq and bk rotated.
-    minor: ak and av position-minor, as engine.KVCache keeps them ((1, H, R, L) storage)."""
+    minor: ak and av position-minor ((1, H, R, L) storage): the kernel writes any evenly strided run."""
     g = torch.Generator().manual_seed(seed)
     shapes = [(1, 1, H, R[0]), (1, 1, R[0], D), (1, L, H, R[1]), (1, L, R[1], D), (1, L, H, R[2]), (1, L, R[2], D)]
     dsts = [torch.randn(s, generator=g).to(dtype).to(DEVICE) for s in shapes]

@@ -161,33 +161,6 @@ def test_fused_decode_step(use_kernel, attn):
         assert ((half[1] - half[0]).norm() / half[0].norm()).item() < 5e-3
 
 
-@pytest.mark.parametrize("attn", ["tpa", "tpa_kvonly"])
-@pytest.mark.parametrize("use_kernel", [True, "triton"], ids=["references", "kernels"])
-def test_position_minor_cache(attn, use_kernel):
-    """KVCache(position_minor=True): A factors stored (B, H, R, L8); same bytes reported, same logits as the full
-    forward (prefill, then decode_step), and the fused batch-1 step writes and reads it like decode_step."""
-    if use_kernel == "triton" and not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    model = randomize(tiny(attn), std=0.1)
-    seq = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(5))
-    cache = KVCache(model, 2, 13, position_minor=True, use_kernel=use_kernel)
-    ak = cache.layers[0]["ak"]
-    assert ak.shape[:2] == (2, 13) and ak.stride(1) == 1 and ak.stride(-1) == 16  # 13 slots rounded up to 16
-    assert cache.nbytes() == KVCache(model, 2, 13).nbytes() == model.kv_cache_elems_per_token() * 2 * 13 * 4
-    got = [cache.prefill(seq[:, :5])] + [cache.step(seq[:, t])[:, None] for t in range(5, 13)]
-    full = model(seq, all_logits=True)[0]
-    assert ((torch.cat(got, 1) - full).norm() / full.norm()).item() <= 1e-5
-    runs = []
-    for minor, fused in ((False, False), (True, True)):
-        c = KVCache(model, 1, 12, position_minor=minor, use_kernel=use_kernel)
-        c.prefill(seq[:1, :4])
-        runs += [torch.stack([c.step(seq[:1, t], fused_decode_step if fused else decode_step) for t in range(4, 12)]), c]
-    torch.testing.assert_close(runs[2], runs[0], rtol=1e-5, atol=1e-5)
-    for a, b in zip(runs[3].layers, runs[1].layers):
-        for name in a:
-            torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6)
-
-
 def run_half(model, seq, fused):
     cache = KVCache(model, 1, 12, use_kernel="triton")
     cache.prefill(seq[:, :4])

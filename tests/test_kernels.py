@@ -113,8 +113,7 @@ LOOP_FORMS = {"prefetch": dict(prefetch=True, a_dot=False, per_rank=False),
               "pipeliner": dict(prefetch=False, a_dot=False, per_rank=False),
               "prefetch_a_dot": dict(prefetch=True, a_dot=True, per_rank=False),
               "a_dot": dict(prefetch=False, a_dot=True, per_rank=False),
-              "per_rank_a_rows": dict(per_rank=True, a_rows=True),
-              "per_rank_a_tiles": dict(per_rank=True, a_rows=False)}
+              "per_rank": dict(per_rank=True)}
 
 
 def position_minor(t):
@@ -129,26 +128,36 @@ def position_minor(t):
 @pytest.mark.parametrize("form", LOOP_FORMS)
 @pytest.mark.parametrize("ranks", [(16, 1, 1), (6, 2, 2), (3, 3, 1), (2, 1, 5)], ids=lambda r: "R" + "".join(map(str, r)))
 def test_loop_forms(ranks, form):
-    """Every form of the cache loop (the heuristics pick one per shape): the hand-prefetched loop or the pipelined
-    one, A tiles converted in registers or through the identity product, one product per rank with A from whole
-    rows (selection products) or from per-rank tiles, with ranks padded to powers of two, several blocks per split
-    and a ragged batch, in both cache layouts (A position-major and position-minor); fp32 (the products in IEEE
-    precision) and fp16."""
+    """Every form of the cache loop (the tile rules pick one per shape): flattened ranks hand-prefetched or
+    pipelined, A tiles converted in registers or through the identity product, and one product per rank with A
+    from whole rows (selection products), with ranks padded to powers of two, several blocks per split and a
+    ragged batch; the flattened forms also with A strided along positions (A stored (B, H, R, M)); fp32 (the
+    products in IEEE precision) and fp16."""
     t = factors(2, 2, 150, 6, *ranks, 32, 16, seed=6)
     kw = LOOP_FORMS[form]
     for layout in (t, position_minor(t)):
-        if layout is not t and kw.get("a_rows"):
-            continue  # whole rows need the position-major layout
+        if layout is not t and kw.get("per_rank"):
+            continue  # whole rows need a contiguous (H, R) block per position
         for dtype, atol in ((torch.float32, 1e-6), (torch.float16, 1e-4)):
             check(layout, torch.tensor([150, 61]), dtype, atol=atol, num_splits=3, block_m=16, **kw)
 
 
 @needs_triton
-def test_position_minor_cache_heuristics():
-    """A position-minor cache (what engine.KVCache allocates) through the default heuristics, several row blocks."""
-    t = position_minor(factors(1, 2, 300, 40, 6, 2, 2, 32, 32, seed=7))  # N * H = 80 rows: two row blocks
-    check(t, torch.tensor([300]), torch.float16, atol=1e-4)
-    check(t, torch.tensor([300]), torch.float32, atol=1e-6)
+def test_tile_rules_pick_per_rank_for_aligned_rows_only():
+    """The default rules: one product per rank for aligned A rows (H * R a multiple of 8, one row block); the
+    flattened hand-prefetched loop for the trained head counts (H * R = 94) and for A strided along positions;
+    each matches the reference."""
+    from tpa_kernels import flashtpa
+    picked = []
+    real = flashtpa._tiles
+    flashtpa._tiles = lambda *a, **k: picked.append(a[6]) or real(*a, **k)  # per_rank, as flashtpa_decode_triton chose
+    try:
+        for H, minor in ((16, False), (47, False), (16, True)):
+            t = factors(1, 1, 300, H, 6, 2, 2, 32, 32, seed=7)
+            check(position_minor(t) if minor else t, torch.tensor([300]), torch.float16, atol=1e-4)
+    finally:
+        flashtpa._tiles = real
+    assert picked == [True, False, False]
 
 
 @needs_triton
@@ -158,18 +167,20 @@ def test_rank1_tiles_per_batch():
     from tpa_kernels.flashtpa import _tiles
     assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=1)[4] == 1
     assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=16)[4] == 2
+    assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=1, M=4096, sms=132)[0] == 32  # a short cache
+    assert _tiles(32, 1, 1, 64, 64, torch.bfloat16, programs=1, M=2 ** 18, sms=132)[0] == 128
     t = factors(3, 1, 300, 16, 16, 1, 1, 32, 32, seed=3)  # 16 rows per sequence
     check(t, torch.tensor([300, 211, 1]), torch.float16, atol=1e-4)
     check(t, torch.tensor([300, 211, 1]), torch.float32, atol=1e-6)
 
 
 @needs_triton
-def test_a_rows_needs_contiguous_a_rows():
+def test_per_rank_needs_contiguous_a_rows():
     t = [x.float() for x in factors(1, 1, 40, 6, 2, 2, 2, 16, 16)]
     t[2] = torch.randn(1, 40, 2, 6).transpose(2, 3)  # rank-major A_K: a position's (H, R) block is not contiguous
     with pytest.raises(ValueError, match="contiguous"):
-        flashtpa_decode_triton(*[x.to(DEVICE) for x in t], a_rows=True)
-    check([x.double() for x in t], None, torch.float32, atol=1e-6)  # the heuristics fall back to the strided tiles
+        flashtpa_decode_triton(*[x.to(DEVICE) for x in t], per_rank=True)
+    check([x.double() for x in t], None, torch.float32, atol=1e-6)  # the rules fall back to the flattened tiles
 
 
 def logit_controlled(M, logits, H=4, D=16):

@@ -13,33 +13,35 @@ Shapes (logical; any strides):
         q = (1/Rq) sum_r aq_r (x) bq_r,  k = (1/Rk) sum_r ak_r (x) bk_r,  v = (1/Rv) sum_r av_r (x) bv_r
     exactly as model.TPA defines them (docs/DESIGN.md sec. 1.1).
 
-Preferred cache layout: the one engine.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, each
-contiguous: per cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A, in
-16-byte pieces when H * R is a multiple of 8. KVCache(position_minor=True) stores A as (B, H, R, M)
-instead (viewed (B, M, H, R)): 16-byte rows for any H * R (see the per-rank path below).
+Cache layout: the one engine.KVCache allocates, (B, M, H, R) for A and (B, M, R, D) for B, each contiguous: per
+cache block the kernel then reads whole rows of B_K / B_V (head-shared) and of A. Any other strides work too.
 
-Algorithm (docs/DESIGN.md sec. 3.2; the paper's Algorithm 2, with a flash-decoding split over the cache): a
-program owns one sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms the rows'
-queries q = (1/Rq) A_Q^T B_Q once, then for each block of BLOCK_M cache positions loads each factor as
-one 2-D tile with the ranks flattened in the cache's own (M, R) order (column j = m * R_P + r, ranks
-padded to a power of two and masked), computes q . b_K for every position and key rank in one
-tensor-core product, weights it by a_K and sums over the ranks, folds the block into an online
-softmax with the block's own running maximum (no per-block normalisation, so a block that underflows
-contributes 0 instead of 0/0), and accumulates (p * a_V) @ b_V, again one product for all value
-ranks. The A tiles (a_K, a_V) reach the products' register layout through a product with the identity
-(I @ A, exact), which also makes Triton's pipeliner move them with cp.async through shared memory like
-the B tiles (it pipelines only loads that feed a product): rank-1 K/V stream three blocks of 128
-positions deep. For ranks 2-4, when a position's (H, R) block of A is 16-byte aligned (H * R a multiple of
-8) and one program holds all (query, head) rows, the kernel loads whole A rows (BLOCK_M, H * R) and picks
-each rank's (head, position) values with a selection product (one 1 per row: exact); the B factors are
-then loaded per rank, every load is a 16-byte cp.async in the pipeliner's ring. A position-minor A cache
-takes the same per-rank loop with each rank's (rows, positions) tile through an identity product. Other
-rank-2 shapes issue the next block's loads before the current block's math (hand software pipelining
-into registers), higher ranks use the pipeliner without the identity products. Partial outputs and
-log-sum-exps are kept in fp32 and combined by a second kernel with the max-LSE rule, all splits in one
-load where they fit. The cache length is a runtime value, never a compile-time constant or autotune
-key: the grid grows with M, programs past a sequence's length exit at once, and nothing syncs with the
-host, so a decode step can be captured in a CUDA graph.
+The algorithm (docs/DESIGN.md sec. 3.2; the paper's Algorithm 2 with a flash-decoding split over the cache): a
+program owns one sequence, a block of (query, head) rows and a contiguous slice of the cache. It forms its rows'
+queries q = (1/Rq) A_Q^T B_Q once, then for each block of BLOCK_M positions computes the logits
+sum_r a_K,r (q . b_K,r), folds them into an online softmax (_online_softmax: each block against the running
+maximum, never normalised alone, so a block that underflows adds 0, not 0/0), and accumulates
+sum_u (p * a_V,u) @ b_V,u. Partial outputs and log-sum-exps stay fp32 and a second kernel combines the splits
+with the max-LSE rule. The cache length is a runtime value, never a compile-time constant or autotune key: the
+grid grows with M, programs past a sequence's end exit at once, and nothing syncs with the host, so a decode
+step can be captured in a CUDA graph.
+
+The cache loop has three forms; _tiles and flashtpa_decode_triton pick one per shape, and each won on the shapes
+it is picked for (benchmarks/RESULTS.md, "Figures behind the code's choices"):
+- Flattened ranks, Triton's pipeliner (num_stages). Each factor is one 2-D tile with the ranks flattened in the
+  cache's (M, R) order (column j = m * R_P + r, ranks padded to a power of two and masked), so one tensor-core
+  product covers every key rank and one every value rank. With a_dot the A tiles reach the products' layout
+  through a product with the identity (I @ A, exact), which makes the pipeliner move them with cp.async like the
+  B tiles: rank-1 K/V stream three blocks of 128 positions deep. fp32, 128-wide features and ranks above 2 take
+  this form without the identity products.
+- Flattened ranks, hand prefetch: rank-2 K/V (T6's trained ranks) issue the next block's loads before the
+  current block's math, into registers. Under programmatic dependent launch the first block is requested
+  before the wait on the previous kernel (engine.fused_decode_step's chain).
+- One product per rank: ranks 2-4 when a position's (H, R) block of A is 16-byte aligned (H * R a multiple of
+  8) and one program holds all (query, head) rows. Whole A rows (BLOCK_M, H * R) are loaded and a selection
+  product (one 1 per row: exact) picks each rank's (row, position) values; B is loaded per rank; every load is
+  a 16-byte cp.async in the pipeliner's ring. The trained head counts (H = 34, 47) are not aligned, so this
+  serves head counts such as 16, 32 and 48.
 
 flashtpa_decode_ref (materialised q/k/v) and flashtpa_decode_einsum (factor space, the paper's Algorithm 1) are the
 PyTorch references with the same signature; flashtpa_decode falls back to the first off CUDA.
@@ -127,6 +129,17 @@ if HAS_TRITON:
             return tl.dot(a, b)
 
     @triton.jit
+    def _online_softmax(s_log2, m_i, l_i, acc):
+        """Fold one block of logits (base-2 units, -inf where masked) into the running max m_i, sum l_i and output
+        acc: returns the block's weights p, the new max, sum and rescaled acc. The block is weighed against its own
+        running max, never normalised alone, so a block far below the max adds exp2(-big) = 0, never 0/0."""
+        m_new = tl.maximum(m_i, tl.max(s_log2, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s_log2 - m_safe[:, None])
+        return p, m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None]
+
+    @triton.jit
     def _load_cache_block(ak_ptr, bk_ptr, av_ptr, bv_ptr, b, m0, end, h, row_ok, mk, sk, mv, uv, offs_d, offs_e,
                           s_ak_b, s_ak_m, s_ak_h, s_ak_r, s_bk_b, s_bk_m, s_bk_r, s_bk_d,
                           s_av_b, s_av_m, s_av_h, s_av_r, s_bv_b, s_bv_m, s_bv_r, s_bv_e,
@@ -157,8 +170,8 @@ if HAS_TRITON:
         D: tl.constexpr, E: tl.constexpr,
         BLOCK_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
         HAS_SEQLENS: tl.constexpr, IEEE: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
-        A_DOT: tl.constexpr = False, PER_RANK: tl.constexpr = False, A_ROWS: tl.constexpr = False,
-        HRK_P: tl.constexpr = 16, HRV_P: tl.constexpr = 16,
+        A_DOT: tl.constexpr = False, PER_RANK: tl.constexpr = False, HRK_P: tl.constexpr = 16,
+        HRV_P: tl.constexpr = 16,
     ):
         if PDL:  # programmatic dependent launch: the combine (and what follows it) may launch now
             gdc_launch_dependents()
@@ -210,36 +223,30 @@ if HAS_TRITON:
                          mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
             q += a.to(tl.float32)[:, None] * bq.to(tl.float32)
         q = (q * qk_scale).to(dt)
-        if A_DOT or (PER_RANK and not A_ROWS):  # identity (ROWS, ROWS): I @ A moves an A tile into the products'
-            # layout and feeds the pipeliner
+        if A_DOT:  # identity (ROWS, ROWS): I @ A moves an A tile into the products' layout and feeds the pipeliner
             eye = (tl.arange(0, BLOCK_ROWS)[:, None] == tl.arange(0, BLOCK_ROWS)[None, :]).to(dt)
 
         m_i = tl.full((BLOCK_ROWS,), float("-inf"), dtype=tl.float32)
         l_i = tl.zeros((BLOCK_ROWS,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_ROWS, BLOCK_E), dtype=tl.float32)
-        if PER_RANK and A_ROWS:  # the flattened (head, rank) column of an A factor row
+        if PER_RANK:  # the flattened (head, rank) column of an A factor row
             colk = tl.arange(0, HRK_P)
             colv = tl.arange(0, HRV_P)
         for m0 in range(start, end, BLOCK_M):
             offs_m = m0 + offs_m0
-            if PER_RANK:  # one product per rank; every tile a plain 2-D block with 16-byte rows
+            if PER_RANK:  # whole A rows (BLOCK_M, H * R); one product per rank, a selection product picks each
+                # rank's (row, position) values
                 ok_m = offs_m < end
-                if A_ROWS:  # whole A rows (BLOCK_M, H * R); a selection product picks each rank's heads
-                    tk = tl.load(ak_ptr + b * s_ak_b + offs_m[:, None] * s_ak_m + colk[None, :],
-                                 mask=ok_m[:, None] & (colk[None, :] < H * RK), other=0.0)  # (BLOCK_M, HRK_P)
-                    tv = tl.load(av_ptr + b * s_av_b + offs_m[:, None] * s_av_m + colv[None, :],
-                                 mask=ok_m[:, None] & (colv[None, :] < H * RV), other=0.0)  # (BLOCK_M, HRV_P)
+                tk = tl.load(ak_ptr + b * s_ak_b + offs_m[:, None] * s_ak_m + colk[None, :],
+                             mask=ok_m[:, None] & (colk[None, :] < H * RK), other=0.0)  # (BLOCK_M, HRK_P)
+                tv = tl.load(av_ptr + b * s_av_b + offs_m[:, None] * s_av_m + colv[None, :],
+                             mask=ok_m[:, None] & (colv[None, :] < H * RV), other=0.0)  # (BLOCK_M, HRV_P)
                 s_log2 = tl.zeros((BLOCK_ROWS, BLOCK_M), dtype=tl.float32)
                 for r in tl.static_range(RK):  # sum_r a_K,r * (q . b_K,r)
                     bk = tl.load(bk_ptr + b * s_bk_b + offs_m[:, None] * s_bk_m + r * s_bk_r + offs_d[None, :] * s_bk_d,
                                  mask=ok_m[:, None] & (offs_d[None, :] < D), other=0.0)  # (BLOCK_M, BLOCK_D)
-                    if A_ROWS:
-                        sel = (colk[None, :] == (h * RK + r)[:, None]).to(dt)  # (ROWS, HRK_P): row's head, rank r
-                        a_r = _mm(sel, tl.trans(tk), IEEE)
-                    else:  # a position-minor cache: rank r's (ROWS, BLOCK_M) tile is contiguous along positions
-                        a_r = _mm(eye, tl.load(ak_ptr + b * s_ak_b + offs_m[None, :] * s_ak_m + h[:, None] * s_ak_h
-                                             + r * s_ak_r, mask=row_ok[:, None] & ok_m[None, :], other=0.0), IEEE)
-                    s_log2 += _mm(q, tl.trans(bk), IEEE) * a_r
+                    sel = (colk[None, :] == (h * RK + r)[:, None]).to(dt)  # (ROWS, HRK_P): the row's head, rank r
+                    s_log2 += _mm(q, tl.trans(bk), IEEE) * _mm(sel, tl.trans(tk), IEEE)
             else:
                 if PREFETCH:  # hand software pipelining: the next block's loads are issued before this block's math
                     ak, bk, av, bv = ak_n, bk_n, av_n, bv_n
@@ -263,25 +270,13 @@ if HAS_TRITON:
                 else:
                     s_log2 = tl.sum(tl.reshape(qk, (BLOCK_ROWS, BLOCK_M, RK_P)), axis=2)  # (ROWS, BLOCK_M)
             visible = (offs_m[None, :] < end) & (offs_m[None, :] <= pos[:, None])
-            s_log2 = tl.where(visible, s_log2, float("-inf"))
-            # -- online softmax with the running max: a block far below it adds exp2(-big) = 0, never 0/0
-            m_new = tl.maximum(m_i, tl.max(s_log2, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s_log2 - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None]
+            p, m_new, l_i, acc = _online_softmax(tl.where(visible, s_log2, float("-inf")), m_i, l_i, acc)
             if PER_RANK:  # sum_u (p * a_V,u) @ b_V,u, one product per value rank
                 for u in tl.static_range(RV):
                     bv = tl.load(bv_ptr + b * s_bv_b + offs_m[:, None] * s_bv_m + u * s_bv_r + offs_e[None, :] * s_bv_e,
                                  mask=ok_m[:, None] & (offs_e[None, :] < E), other=0.0)  # (BLOCK_M, BLOCK_E)
-                    if A_ROWS:
-                        sel = (colv[None, :] == (h * RV + u)[:, None]).to(dt)
-                        a_r = _mm(sel, tl.trans(tv), IEEE)
-                    else:
-                        a_r = _mm(eye, tl.load(av_ptr + b * s_av_b + offs_m[None, :] * s_av_m + h[:, None] * s_av_h
-                                             + u * s_av_r, mask=row_ok[:, None] & ok_m[None, :], other=0.0), IEEE)
-                    acc += _mm((p * a_r).to(dt), bv, IEEE)
+                    sel = (colv[None, :] == (h * RV + u)[:, None]).to(dt)
+                    acc += _mm((p * _mm(sel, tl.trans(tv), IEEE)).to(dt), bv, IEEE)
             else:  # -- values: sum_u (p * a_V,u) @ b_V,u, all value ranks in one product
                 if RV_P == 1:
                     pe = p
@@ -358,11 +353,12 @@ def _num_sms(device):
     return _SM_COUNT[device.index]
 
 
-def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1):
-    """(block_m, prefetch, a_dot, num_stages, programs per SM): the fastest found with benchmarks/bench_decode.py --tune
-    (the timings behind each choice: benchmarks/RESULTS.md, "Figures behind the code's choices"). programs: sequences
-    x row blocks, the grid's other axes.
-    per_rank (one product per rank, see flashtpa_decode_triton): 64 positions, 3 stages, 1 program per SM; 64 rows:
+def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1, M=None, sms=None):
+    """The tile rules, all in one place: (block_m, prefetch, a_dot, num_stages, programs per SM), the fastest found
+    with benchmarks/bench_decode.py --tune (the timings behind each choice: benchmarks/RESULTS.md, "Figures behind
+    the code's choices"). programs: sequences x row blocks, the grid's other axes; M and sms (the cache length and
+    the GPU's SM count), when given, shorten the blocks of a cache too short to fill the GPU.
+    per_rank (one product per rank, see the module docstring): 64 positions, 3 stages, 1 program per SM; 64 rows:
     32 positions, 3 stages, 2 per SM.
     A block's factor tiles have block_m * R_P rows: the rows are budgeted (64, or 32 for 4-byte or 128-wide
     features) so that high ranks keep the tiles in shared memory, and tensor-core products need >= 16 rows.
@@ -377,25 +373,28 @@ def _tiles(block_rows, Rk, Rv, D, E, dtype, per_rank=False, programs=1):
     wide = dtype == torch.float32 or max(D, E) > 64
     block_m = max(2, 16 // min(rk_p, rv_p), (32 if wide else 64) // r_p)
     if wide:  # wide tiles: no room for a second block in registers
-        return block_m, False, False, 1, 2
-    if r_p == 1 and block_rows <= 32:  # rank-1 K/V: 128 positions (48 KB at H=32) per stage, 3 stages; 1 program per
-        return 128, False, True, 3, 1 if programs == 1 else 2  # SM for one sequence, 2 for several
-    if r_p == 1:  # 64 rows (H=48): 64 positions, 3 stages, 2 programs per SM
-        return 64, False, True, 3, 2
-    if r_p == 2:  # rank-2 K/V: the next block prefetched by hand into registers
-        return block_m, True, True, 1, 2
-    return block_m, False, False, 3, 2  # higher ranks: Triton's pipeliner, 3 stages
+        tiles = block_m, False, False, 1, 2
+    elif r_p == 1 and block_rows <= 32:  # rank-1 K/V: 128 positions (48 KB at H=32) per stage, 3 stages; 1 program
+        tiles = 128, False, True, 3, 1 if programs == 1 else 2  # per SM for one sequence, 2 for several
+    elif r_p == 1:  # 64 rows (H=48): 64 positions, 3 stages, 2 programs per SM
+        tiles = 64, False, True, 3, 2
+    elif r_p == 2:  # rank-2 K/V: the next block prefetched by hand into registers
+        tiles = block_m, True, True, 1, 2
+    else:  # higher ranks: Triton's pipeliner, 3 stages
+        tiles = block_m, False, False, 3, 2
+    if M is not None and tiles[0] > 32 and programs * triton.cdiv(M, tiles[0]) < sms:  # a short cache: more,
+        tiles = (32,) + tiles[1:]  # shorter splits
+    return tiles
 
 
 def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=None, block_m=None, num_splits=None,
                            num_warps=None, num_stages=None, prefetch=None, programs_per_sm=None, combine_block_s=512,
-                           combine_block_e=32, pdl=False, a_dot=None, per_rank=None,
-                           a_rows=None):
-    """The Triton path; the keyword arguments after softmax_scale override the tile heuristics (for tuning):
+                           combine_block_e=32, pdl=False, a_dot=None, per_rank=None):
+    """The Triton path; the keyword arguments after softmax_scale override the tile rules (for tuning):
     block_m, num_splits, num_warps, num_stages, programs_per_sm set the grid and tiles; prefetch (hand software
-    pipelining), a_dot (A tiles through identity products) and per_rank (one product per rank; a_rows: A from
-    whole rows through selection products, which needs a contiguous (H, R) block per position and N * H <= 64)
-    pick the loop's form (see the module docstring).
+    pipelining), a_dot (A tiles through identity products) and per_rank (one product per rank, A from whole rows
+    through selection products: needs a contiguous (H, R) block per position and N * H <= 64) pick the loop's
+    form (see the module docstring).
 
     pdl=True (compute capability >= 9): both kernels use programmatic dependent launch. The call may then start
     while the previous kernel of the stream still runs: seqlens and the cache before each sequence's new tokens
@@ -408,22 +407,16 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
     BLOCK_ROWS = max(16, min(64, triton.next_power_of_2(n_rows)))
     row_blocks = triton.cdiv(n_rows, BLOCK_ROWS)
     pdl = bool(pdl) and pdl_supported(dev)
-    # one product per rank (ranks 2-4): A from whole rows (a position's (H, R) block contiguous, one row block)
-    # through selection products, or from a position-minor cache (stride 1 along M) through identity products
+    # one product per rank (ranks 2-4) reads whole A rows: a position's (H, R) block contiguous, one row block
     rows_ok = row_blocks == 1 and ak.stride(2) == Rk and ak.stride(3) == 1 and av.stride(2) == Rv and av.stride(3) == 1
-    pos_minor = ak.stride(1) == 1 and av.stride(1) == 1
-    if a_rows is None:
-        a_rows = rows_ok and not pos_minor
-    elif a_rows and not rows_ok:
-        raise ValueError("flashtpa_decode_triton(a_rows=True) needs A factors with a contiguous (H, R) block per "
-                         "position and N * H <= 64")
     if per_rank is None:
         aligned = H * Rk % 8 == 0 and H * Rv % 8 == 0  # 16-byte rows (H = 47, R = 2: 188 bytes: no cp.async)
-        per_rank = (max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32 and max(D, E) <= 64
-                    and (pos_minor or (a_rows and aligned)))
-    bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, per_rank, B * row_blocks)
-    if not per_rank and bm > 32 and B * row_blocks * triton.cdiv(M, bm) < _num_sms(dev):  # a short cache: more,
-        bm = 32  # shorter splits
+        per_rank = (rows_ok and aligned and max(Rk, Rv) in (2, 3, 4) and bk.dtype != torch.float32
+                    and max(D, E) <= 64)
+    elif per_rank and not rows_ok:
+        raise ValueError("flashtpa_decode_triton(per_rank=True) needs A factors with a contiguous (H, R) block per "
+                         "position and N * H <= 64")
+    bm, pf, ad, stages, per_sm = _tiles(BLOCK_ROWS, Rk, Rv, D, E, bk.dtype, per_rank, B * row_blocks, M, _num_sms(dev))
     BLOCK_M = block_m or bm
     prefetch = False if per_rank else (pf if prefetch is None else prefetch)
     a_dot = ad if a_dot is None else a_dot
@@ -449,7 +442,7 @@ def flashtpa_decode_triton(aq, bq, ak, bk, av, bv, seqlens=None, softmax_scale=N
             RQ=Rq, RK=Rk, RV=Rv, RK_P=triton.next_power_of_2(Rk), RV_P=triton.next_power_of_2(Rv), D=D, E=E,
             BLOCK_ROWS=BLOCK_ROWS, BLOCK_M=BLOCK_M, BLOCK_D=triton.next_power_of_2(D),
             BLOCK_E=triton.next_power_of_2(E), HAS_SEQLENS=seqlens is not None, IEEE=bk.dtype == torch.float32,
-            PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot, PER_RANK=per_rank, A_ROWS=a_rows and per_rank,
+            PREFETCH=prefetch, PDL=pdl, A_DOT=a_dot, PER_RANK=per_rank,
             HRK_P=max(16, triton.next_power_of_2(H * Rk)), HRV_P=max(16, triton.next_power_of_2(H * Rv)),
             num_warps=num_warps or 4, num_stages=stages, **launch,
         )
