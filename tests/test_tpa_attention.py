@@ -1,0 +1,71 @@
+"""Causal attention from TPA's factors (tpa_kernels/tpa_attention.py): the Triton forward and backward (interpreter on
+CPU) against the materialise-then-SDPA reference in fp64, FlashAttention's tolerance rule (conftest)."""
+
+import pytest
+import torch
+
+from tpa_kernels.tpa_attention import HAS_TRITON, tpa_attention
+from conftest import assert_close_to_reference
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CASES = [  # B, T, H, (Rq, Rk, Rv), D, E
+    (2, 70, 3, (6, 2, 2), 16, 16),  # T6's ranks; T not a multiple of the blocks (64 fp16, 32 fp32)
+    (1, 33, 2, (1, 1, 1), 32, 16),  # rank 1, E != D
+    (1, 130, 2, (3, 4, 5), 16, 32),  # several blocks each way in both precisions
+]
+
+
+def factors(B, T, H, ranks, D, E, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for R, width in zip(ranks, (D, D, E)):
+        out += [torch.randn(B, T, H + 1, R, generator=g, dtype=torch.float64)[:, :, 1:],  # a strided A, as the model's
+                torch.randn(B, T, R, width, generator=g, dtype=torch.float64)]  # split of one projection gives
+    return out
+
+
+def run(fs, grad, impl, scale=None):
+    fs = [f.detach().requires_grad_(True) for f in fs]
+    out = tpa_attention(*fs, softmax_scale=scale, impl=impl)
+    return [out] + list(torch.autograd.grad(out, fs, grad))
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("case", CASES, ids=[f"B{c[0]}T{c[1]}H{c[2]}R{''.join(map(str, c[3]))}D{c[4]}E{c[5]}"
+                                             for c in CASES])
+def test_forward_backward_match_fp64(case, dtype):
+    B, T, H, ranks, D, E = case
+    fs = factors(B, T, H, ranks, D, E)
+    grad = torch.randn(B, T, H, E, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    ref64 = run(fs, grad, "ref")
+    low = [x.to(dtype).to(DEVICE) for x in fs]
+    got = run(low, grad.to(dtype).to(DEVICE), "triton")
+    ref_low = run(low, grad.to(dtype).to(DEVICE), "ref")
+    assert got[0].shape == (B, T, H, E) and all(g.shape == f.shape for g, f in zip(got[1:], fs))
+    atol = 1e-6 if dtype == torch.float32 else 1e-3
+    for name, x, r, rl in zip(("out", "daq", "dbq", "dak", "dbk", "dav", "dbv"), got, ref64, ref_low):
+        assert_close_to_reference(x, r, rl, atol=atol, ulps=64, name=name)
+
+
+@needs_triton
+def test_softmax_scale_and_one_token():
+    """A caller's softmax scale, and T = 1 (one key: the output is v itself)."""
+    fs = factors(1, 40, 2, (2, 2, 2), 16, 16, seed=3)
+    grad = torch.randn(1, 40, 2, 16, dtype=torch.float64)
+    for x, r in zip(run([f.float() for f in fs], grad.float(), "triton", scale=0.3), run(fs, grad, "ref", scale=0.3)):
+        torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=1e-5)
+    one = [f[:, :1].float() for f in factors(1, 1, 2, (2, 2, 2), 16, 16)]
+    v = torch.einsum("bthr,btrd->bthd", one[4], one[5]) / 2
+    torch.testing.assert_close(tpa_attention(*one, impl="triton"), v, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_and_bad_input():
+    """CPU tensors take the reference; wrong shapes and impl names are refused with what was expected."""
+    fs = [f.float() for f in factors(1, 5, 2, (2, 1, 1), 8, 8)]
+    torch.testing.assert_close(tpa_attention(*fs), tpa_attention(*fs, impl="ref"))
+    with pytest.raises(ValueError, match=r"bk has shape \(1, 5, 2, 8\), expected \(1, 5, 1, 8\)"):
+        tpa_attention(*fs[:3], fs[3].expand(1, 5, 2, 8), *fs[4:])
+    with pytest.raises(ValueError, match="impl='cuda'"):
+        tpa_attention(*fs, impl="cuda")
