@@ -50,12 +50,19 @@ def test_forward_backward_match_fp64(case, dtype):
 
 
 @needs_triton
-def test_softmax_scale_and_one_token():
-    """A caller's softmax scale, and T = 1 (one key: the output is v itself)."""
+def test_softmax_scale_tiles_and_one_token():
+    """A caller's softmax scale and tiles (query and key blocks of different lengths), and T = 1 (one key: the output
+    is v itself); unknown tile names are refused."""
     fs = factors(1, 40, 2, (2, 2, 2), 16, 16, seed=3)
     grad = torch.randn(1, 40, 2, 16, dtype=torch.float64)
-    for x, r in zip(run([f.float() for f in fs], grad.float(), "triton", scale=0.3), run(fs, grad, "ref", scale=0.3)):
-        torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=1e-5)
+    ref = run(fs, grad, "ref", scale=0.3)
+    for tiles in (None, dict(BLOCK_M=16, BLOCK_N=32), dict(BLOCK_M=32, BLOCK_N=16, num_stages=1)):
+        fs32 = [f.float().detach().requires_grad_(True) for f in fs]
+        out = tpa_attention(*fs32, softmax_scale=0.3, impl="triton", tiles=tiles)
+        for x, r in zip([out] + list(torch.autograd.grad(out, fs32, grad.float())), ref):
+            torch.testing.assert_close(x.double(), r, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown tiles"):
+        tpa_attention(*[f.float() for f in fs], impl="triton", tiles=dict(BLOCK_K=16))
     one = [f[:, :1].float() for f in factors(1, 1, 2, (2, 2, 2), 16, 16)]
     v = torch.einsum("bthr,btrd->bthd", one[4], one[5]) / 2
     torch.testing.assert_close(tpa_attention(*one, impl="triton"), v, rtol=1e-5, atol=1e-6)

@@ -238,12 +238,15 @@ if HAS_TRITON:
         tl.store(dq_ptr + (bh * T + offs_m[:, None]) * D + d[None, :], (dq * dq_scale).to(dq_ptr.dtype.element_ty),
                  mask=m_ok[:, None] & (d < D)[None, :])
 
-    def _tiles(D, E, dtype):
-        """Block sizes and warps: 64 x 64 tiles, 4 warps (fp32 or 128-wide features: 32 x 32, for the registers)."""
+    def _tiles(D, E, dtype, tiles=None):
+        """Block sizes, warps and pipeline stages: 64 x 64 tiles, 4 warps, 2 stages (fp32 or 128-wide features:
+        32 x 32, for the registers); tiles: a caller's choice of BLOCK_M, BLOCK_N, num_warps, num_stages (tuning)."""
         wide = dtype == torch.float32 or max(D, E) > 64
         block = 32 if wide else 64
-        return dict(BLOCK_M=block, BLOCK_N=block, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                    BLOCK_E=max(16, triton.next_power_of_2(E)), IEEE=dtype == torch.float32, num_warps=4)
+        out = dict(BLOCK_M=block, BLOCK_N=block, num_warps=4, num_stages=2)
+        out.update({k: v for k, v in (tiles or {}).items() if v})
+        return dict(out, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_E=max(16, triton.next_power_of_2(E)),
+                    IEEE=dtype == torch.float32)
 
     def _strides(*ts):
         return [s for t in ts for s in t.stride()]
@@ -253,18 +256,18 @@ if HAS_TRITON:
         # the kernels' logits are (sum aq bq) . (sum ak bk) * qk_scale = the true logits in log2 units
         return scale, scale * math.log2(math.e) / (Rq * Rk)
 
-    def tpa_attention_triton_fwd(aq, bq, ak, bk, av, bv, softmax_scale=None):
+    def tpa_attention_triton_fwd(aq, bq, ak, bk, av, bv, softmax_scale=None, tiles=None):
         B, T, H, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv)
         _, qk_scale = _scales(softmax_scale, Rq, Rk, Rv, D)
         out = torch.empty(B, T, H, E, device=bv.device, dtype=bv.dtype)
         lse = torch.empty(B * H, T, device=bv.device, dtype=torch.float32)
-        tiles = _tiles(D, E, bk.dtype)
+        tiles = _tiles(D, E, bk.dtype, tiles)
         wrap_triton(_tpa_attention_fwd)[(triton.cdiv(T, tiles["BLOCK_M"]), B * H)](
             aq, bq, ak, bk, av, bv, out, lse, T, H, *_strides(aq, bq, ak, bk, av, bv, out), qk_scale,
             RQ=Rq, RK=Rk, RV=Rv, D=D, E=E, **tiles)
         return out, lse
 
-    def tpa_attention_triton_bwd(aq, bq, ak, bk, av, bv, out, lse, do, softmax_scale=None):
+    def tpa_attention_triton_bwd(aq, bq, ak, bk, av, bv, out, lse, do, softmax_scale=None, tiles=None):
         """The factors' gradients: dQ, dK, dV heads first from the two loops, then each through the
         materialisation's backward."""
         B, T, H, Rq, Rk, Rv, D, E = _check(aq, bq, ak, bk, av, bv)
@@ -273,7 +276,7 @@ if HAS_TRITON:
         dq = torch.empty(B, H, T, D, device=bq.device, dtype=bq.dtype)
         dk = torch.empty(B, H, T, D, device=bk.device, dtype=bk.dtype)
         dv = torch.empty(B, H, T, E, device=bv.device, dtype=bv.dtype)
-        tiles = _tiles(D, E, bk.dtype)
+        tiles = _tiles(D, E, bk.dtype, tiles)
         strides = _strides(aq, bq, ak, bk, av, bv, do)
         # dk: the kernel's sum of ds^T q_s, q_s = q * Rq * qk_scale  ->  ds^T q * scale = that * Rk * ln 2
         wrap_triton(_tpa_attention_bwd_dkdv)[(triton.cdiv(T, tiles["BLOCK_N"]), B * H)](
@@ -287,40 +290,48 @@ if HAS_TRITON:
             grads += tpa_materialize_triton_bwd(a, b, g, 1.0 / a.size(-1))
         return tuple(grads)
 
+    # tile choices travel as ints (0: the default) so that an op call can carry them
+    TILE_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages")
+
     @triton_op("tpa::attention", mutates_args=())
     def _attention_op(aq: torch.Tensor, bq: torch.Tensor, ak: torch.Tensor, bk: torch.Tensor, av: torch.Tensor,
-                      bv: torch.Tensor, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-        return tpa_attention_triton_fwd(aq, bq, ak, bk, av, bv, softmax_scale)
+                      bv: torch.Tensor, softmax_scale: float, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return tpa_attention_triton_fwd(aq, bq, ak, bk, av, bv, softmax_scale, dict(zip(TILE_KEYS, tiles)))
 
     @triton_op("tpa::attention_backward", mutates_args=())
     def _attention_bwd_op(aq: torch.Tensor, bq: torch.Tensor, ak: torch.Tensor, bk: torch.Tensor, av: torch.Tensor,
                           bv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor, do: torch.Tensor,
-                          softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                         torch.Tensor, torch.Tensor]:
-        return tpa_attention_triton_bwd(aq, bq, ak, bk, av, bv, out, lse, do, softmax_scale)
+                          softmax_scale: float, tiles: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                          torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tpa_attention_triton_bwd(aq, bq, ak, bk, av, bv, out, lse, do, softmax_scale,
+                                        dict(zip(TILE_KEYS, tiles)))
 
     def _setup(ctx, inputs, output):
-        *factors, softmax_scale = inputs
+        *factors, softmax_scale, tiles = inputs
         ctx.save_for_backward(*factors, *output)
-        ctx.softmax_scale = softmax_scale
+        ctx.softmax_scale, ctx.tiles = softmax_scale, tiles
 
     def _backward(ctx, do, _dlse):
         *factors, out, lse = ctx.saved_tensors
-        return (*_attention_bwd_op(*factors, out, lse, do.contiguous(), ctx.softmax_scale), None)
+        return (*_attention_bwd_op(*factors, out, lse, do.contiguous(), ctx.softmax_scale, ctx.tiles), None, None)
 
     _attention_op.register_autograd(_backward, setup_context=_setup)
 
 
-def tpa_attention(aq, bq, ak, bk, av, bv, softmax_scale=None, impl=None):
+def tpa_attention(aq, bq, ak, bk, av, bv, softmax_scale=None, impl=None, tiles=None):
     """Causal attention from the factors (see the module docstring) -> (B, T, H, E). impl: None (the Triton op for
-    CUDA tensors of one dtype, else the reference), "triton" or "ref"."""
+    CUDA tensors of one dtype, else the reference), "triton" or "ref". tiles: the kernels' BLOCK_M, BLOCK_N,
+    num_warps, num_stages, any of them (tuning; benchmarks/bench_attention.py)."""
     if impl is None:
         impl = pick(bk, len({t.dtype for t in (aq, bq, ak, bk, av, bv)}) == 1)
     if impl == "triton":
         if not HAS_TRITON:
             raise RuntimeError("tpa_attention(impl='triton') needs the triton package")
-        D = bq.shape[-1]
-        return _attention_op(aq, bq, ak, bk, av, bv, float(D ** -0.5 if softmax_scale is None else softmax_scale))[0]
+        unknown = set(tiles or {}) - set(TILE_KEYS)
+        if unknown:
+            raise ValueError(f"tpa_attention: unknown tiles {sorted(unknown)}; known: {list(TILE_KEYS)}")
+        scale = float(bq.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+        return _attention_op(aq, bq, ak, bk, av, bv, scale, [int((tiles or {}).get(k, 0)) for k in TILE_KEYS])[0]
     if impl == "ref":
         return tpa_attention_ref(aq, bq, ak, bk, av, bv, softmax_scale)
     raise ValueError(f"impl={impl!r}: use None, 'triton' or 'ref'")
