@@ -33,7 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from tpa_kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_factors,
-                         linear_one_row, pick, swiglu, tpa_materialize)
+                         linear_one_row, pick, swiglu, tpa_attention, tpa_materialize)
 from tpa_kernels.dispatch import choice
 
 
@@ -443,6 +443,9 @@ class TPA(Attention):
         # the fused batch-1 step serves the plain forms (no gate, KV shift, constant or shared factors, third order)
         self.supports_fused = not (config.attn_gate or config.kv_shift or self.const_a or self.const_b or
                                    self.shared_b) and config.tpa_order == 2
+        # attention straight from the factors (tpa_kernels/tpa_attention.py) takes T6's plain form
+        self.from_factors_ok = self.factor_q and not (config.kv_shift or self.const_a or self.const_b or
+                                                      self.shared_b) and config.tpa_order == 2
         if not self.factor_q:  # a standard query is rank-H TPA with A = H * I (decoding); moves with the model
             self.register_buffer("eye_h", (H * torch.eye(H)).view(1, 1, H, H), persistent=False)
         # the fused projection: one (Factor, init bound) per output slice
@@ -523,6 +526,10 @@ class TPA(Attention):
                 kv = {name: cache.read(name) for name in self.cache_spec()}
                 return self.output(self.decode(q, p, kv, rope_x, cache), x)
         H, D = self.n_head, self.head_dim
+        how = choice("tpa_attention")
+        if how is not None and self.from_factors_ok:  # Q, K and V never written: the kernel forms their tiles
+            factors = [t for n in "qkv" for t in self.assemble(p, n, rope_x)]
+            return self.output(tpa_attention(*factors, impl="triton" if how == "triton" else None), x)
         q = self.materialize(*self.assemble(p, "q", rope_x), "q") if q is None else q.transpose(1, 2)
         k, v = (self.materialize(*self.assemble(p, n, rope_x), n).expand(B, H, T, D) for n in "kv")
         if self.shift is not None:

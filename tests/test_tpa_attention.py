@@ -76,3 +76,35 @@ def test_dispatch_and_bad_input():
         tpa_attention(*fs[:3], fs[3].expand(1, 5, 2, 8), *fs[4:])
     with pytest.raises(ValueError, match="impl='cuda'"):
         tpa_attention(*fs, impl="cuda")
+
+
+@needs_triton
+def test_model_trains_through_it(monkeypatch):
+    """overrides(tpa_attention=...): a tiny T6's loss and every parameter's gradient through the kernel equal the
+    materialising path's (fp32); an unknown value is refused; variants it does not take (kv_shift) keep theirs."""
+    import model as model_module
+    from model import GPT, model_config
+    from tpa_kernels.dispatch import overrides
+    calls = []
+    real = model_module.tpa_attention
+    monkeypatch.setattr(model_module, "tpa_attention", lambda *a, **k: calls.append(k["impl"]) or real(*a, **k))
+    idx = torch.randint(0, 256, (2, 40), generator=torch.Generator().manual_seed(0))
+    for extra, fused in ((dict(), True), (dict(kv_shift=True), False)):
+        torch.manual_seed(0)
+        model = GPT(model_config("tiny", "tpa", vocab_size=256, **extra))
+        assert model.transformer.h[0].attn.from_factors_ok == fused
+        runs = []
+        for how in (None, "triton"):
+            model.zero_grad()
+            with overrides(tpa_attention=how):
+                _, loss = model(idx, targets=idx)
+            loss.backward()
+            runs.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert calls == (["triton"] * 2 if fused else [])  # one call per layer, through the kernel
+        calls.clear()
+        assert runs[0][0] == pytest.approx(runs[1][0], rel=1e-5)
+        for n, g in runs[0][1].items():
+            torch.testing.assert_close(runs[1][1][n], g, rtol=1e-4, atol=1e-6, msg=n)
+    with pytest.raises(ValueError, match="tpa_attention='flash'"):
+        with overrides(tpa_attention="flash"):
+            pass

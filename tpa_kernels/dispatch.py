@@ -49,7 +49,7 @@ def pick(t, fits=True):
     return "triton" if KERNELS and t.is_cuda and fits else "ref"
 
 
-DEFAULTS = dict(flashtpa=None, mla_absorb=True)
+DEFAULTS = dict(flashtpa=None, mla_absorb=True, tpa_attention=None)
 _chosen = {}  # what the innermost overrides() blocks set
 
 
@@ -60,10 +60,15 @@ def overrides(**choices):
       flashtpa: None (the dispatch: FlashTPA for CUDA tensors, its reference elsewhere), "ref" (the reference:
         TPA decodes through it, the fused batch-1 step is off), "triton" (the kernel wherever Triton runs: CPU tensors
         in the interpreter, as the tests do);
-      mla_absorb: True (MLA decodes in the latent space) or False (it materialises K and V)."""
+      mla_absorb: True (MLA decodes in the latent space) or False (it materialises K and V);
+      tpa_attention: T6's attention without a cache (training, evaluation, a prefill into an empty cache): None
+        (materialise Q, K and V, then SDPA), "fused" (tpa_kernels/tpa_attention.py, which forms the tiles from the
+        factors inside the kernel, on CUDA; its reference elsewhere) or "triton" (that kernel wherever Triton runs)."""
     unknown = sorted(set(choices) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown kernel choices {unknown}; known: {sorted(DEFAULTS)}")
+    if choices.get("tpa_attention") not in (None, "fused", "triton"):
+        raise ValueError(f"tpa_attention={choices['tpa_attention']!r}: use None (materialise), 'fused' or 'triton'")
     saved = dict(_chosen)
     _chosen.update(choices)
     try:
