@@ -41,6 +41,7 @@ from data.shards import TokenIdError
 from eval.val_loss import evaluate as evaluate_val
 from common import check_dtype, destroy_distributed, init_distributed, peak_flops, print0, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, model_config
+from tpa_kernels.dispatch import overrides
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's recipe for T6 Small (docs/DESIGN.md sec. 5); config/*.py and --key=value override them
@@ -87,6 +88,8 @@ min_lr = 3e-5
 device = "auto"  # auto (cuda if present), cuda, cuda:N, cpu, mps
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16, float32 (bf16, ...)
 compile = True  # torch.compile the model (compile time is reported apart from step time)
+tpa_attention = "materialise"  # T6's attention: "materialise" (Q, K, V, then SDPA) or "fused" (from the factors,
+# tpa_kernels/tpa_attention.py: less memory; speed in benchmarks/RESULTS.md)
 # -----------------------------------------------------------------------------
 _MODEL_KEYS = {f.name: f.type for f in fields(GPTConfig) if f.name not in ("block_size", "attn")}
 def check_settings(c):
@@ -102,6 +105,8 @@ def check_settings(c):
             raise ValueError(f"{k}={c[k]} must be in [0, 1)")
     if not c["adam_eps"] > 0:
         raise ValueError(f"adam_eps={c['adam_eps']} must be > 0")
+    if c["tpa_attention"] not in ("materialise", "fused"):
+        raise ValueError(f"tpa_attention={c['tpa_attention']!r} must be 'materialise' or 'fused'")
     check_dtype(c["dtype"])
     resolve_device(c["device"])
 
@@ -112,6 +117,8 @@ try:
 except ValueError as e:
     sys.exit(f"config error: {e}")
 globals().update(config)
+# kernel choices for the whole run (tpa_kernels/dispatch.py): entered here, never left
+overrides(tpa_attention=None if tpa_attention == "materialise" else tpa_attention).__enter__()
 
 def get_lr(it):
     """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (docs/DESIGN.md

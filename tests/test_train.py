@@ -202,6 +202,7 @@ def test_non_finite_gradient_never_reaches_a_checkpoint(data_dir, tmp_path):
     ("beta2=1.0", "beta2=1.0 must be in [0, 1)"), ("adam_eps=0", "adam_eps=0.0 must be > 0"),
     ("max_iters=-5", "max_iters=-5 must be >= 0"), ("dtype=bf17", "dtype='bf17'; choose one of auto, bfloat16"),
     ("device=cuda", "device='cuda' but CUDA is not available here"), ("device=gpu", "device='gpu' is not a device"),
+    ("tpa_attention=flash", "tpa_attention='flash' must be 'materialise' or 'fused'"),
 ])
 def test_settings_are_checked_before_anything_runs(data_dir, tmp_path, bad, message):
     if "cuda" in bad and torch.cuda.is_available():
