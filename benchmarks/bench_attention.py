@@ -105,7 +105,6 @@ def main():
                 continue
             record(part="plain", heads=H, kernel=kname, fwd_ms=tf, fwd_bwd_ms=tb, fwd_tflops=flops / tf / 1e9,
                    fwd_bwd_tflops=3.5 * flops / tb / 1e9)
-        del q, k, v
 
     for H in [int(h) for h in args.t6_heads.split(",")]:
         g = torch.Generator(device=dev).manual_seed(0)
@@ -133,7 +132,6 @@ def main():
                 continue
             record(part="t6", heads=H, path=pname, fwd_ms=tf, fwd_bwd_ms=tb, fwd_tflops=flops / tf / 1e9,
                    fwd_bwd_tflops=3.5 * flops / tb / 1e9, kept_mib=mem, max_abs_diff_vs_materialised=err)
-        del fs
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "a") as f:  # the file keeps every earlier run's rows
