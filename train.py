@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, fields
 
 import numpy as np
@@ -41,7 +41,7 @@ from data.shards import TokenIdError
 from eval.val_loss import evaluate as evaluate_val
 from common import check_dtype, destroy_distributed, init_distributed, peak_flops, print0, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, model_config
-from tpa_kernels.dispatch import overrides
+from tpa_kernels.dispatch import DEFAULTS as KERNEL_CHOICES, choice, overrides
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's recipe for T6 Small (docs/DESIGN.md sec. 5); config/*.py and --key=value override them
@@ -117,8 +117,10 @@ try:
 except ValueError as e:
     sys.exit(f"config error: {e}")
 globals().update(config)
-# kernel choices for the whole run (tpa_kernels/dispatch.py): entered here, never left
-overrides(tpa_attention=None if tpa_attention == "materialise" else tpa_attention).__enter__()
+# kernel choices for the whole run (tpa_kernels/dispatch.py). The stack holds the block open until the process
+# ends: an entered overrides() that nothing references is garbage-collected at once, and that leaves the block.
+run_choices = ExitStack()
+run_choices.enter_context(overrides(tpa_attention=None if tpa_attention == "materialise" else tpa_attention))
 
 def get_lr(it):
     """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (docs/DESIGN.md
@@ -321,7 +323,8 @@ if master:
     header = dict(meta, argv=sys.argv, config=config, model_config=asdict(mconf), params=raw_model.num_params(),
                   attn_params_per_layer=raw_model.attn_params_per_layer(), flops_per_token=flops_per_token,
                   kv_cache_elems_per_token=raw_model.kv_cache_elems_per_token(), tokens_per_iter=tokens_per_iter,
-                  peak_flops_per_device=peak, start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  peak_flops_per_device=peak, kernel_choices={k: choice(k) for k in KERNEL_CHOICES},
+                  start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(os.path.join(out_dir, "header.json" if iter_num == 0 else f"header_resume_{iter_num:07d}.json"), "w") as f:
         json.dump(header, f, indent=1)
     # a resumed run rewrites the log from its checkpoint on, so the metrics match one uninterrupted run

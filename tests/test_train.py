@@ -238,6 +238,20 @@ def test_dtype_aliases(data_dir, tmp_path):
     assert json.load(open(tmp_path / "run" / "header.json"))["dtype"] == "float32"
 
 
+def test_tpa_attention_choice_holds_for_the_whole_run(data_dir, tmp_path):
+    """tpa_attention="fused" is in force when the model runs (the header records the dispatch's choices as the
+    model reads them; the block was once left at once when its context manager was garbage-collected), and on the
+    CPU, where it runs the reference, the losses are the materialising run's."""
+    runs = {}
+    for how in ("materialise", "fused"):
+        out = tmp_path / how
+        train(base_args(data_dir, str(out), max_iters=3, tpa_attention=how))
+        runs[how] = json.load(open(out / "header.json"))["kernel_choices"]["tpa_attention"], losses(str(out))
+    assert runs["materialise"][0] is None and runs["fused"][0] == "fused"
+    for (i, a), (j, b) in zip(runs["materialise"][1], runs["fused"][1], strict=True):
+        assert i == j and a == pytest.approx(b, rel=1e-5)
+
+
 def test_second_stop_signal_exits_at_once(data_dir, tmp_path):
     out = str(tmp_path / "run")  # steps of seconds: the first signal waits for the end of one
     p = subprocess.Popen([sys.executable, "train.py"] + base_args(data_dir, out, n_embd=768, n_head=12, head_dim=64,
