@@ -138,7 +138,7 @@ def main():
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "a") as f:  # the file keeps every earlier run's rows
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"\n{name}, bf16, B={B} T={T} D={D}, causal; forward + backward in CUDA graphs")
+    print(f"\n{name}, bf16, B={B} T={T} D={D}, causal; median of do_bench")
     print("| part | heads | kernel / path | forward | forward + backward | kept for backward |")
     print("|---|---|---|---|---|---|")
     for r in rows:
