@@ -42,6 +42,7 @@ if HAS_TRITON:
     import triton.language as tl
     from torch.library import triton_op, wrap_triton
 
+    from tpa_kernels.flashtpa import _mm, _online_softmax  # FlashTPA's tensor-core product and softmax step
     from tpa_kernels.materialize import tpa_materialize_triton_bwd
 
 
@@ -67,14 +68,6 @@ def tpa_attention_ref(aq, bq, ak, bk, av, bv, softmax_scale=None):
 if HAS_TRITON:
 
     @triton.jit
-    def _mm(a, b, IEEE: tl.constexpr):
-        """a @ b on tensor cores, fp32 accumulation; full fp32 precision (no TF32) for fp32 inputs."""
-        if IEEE:
-            return tl.dot(a, b, input_precision="ieee")
-        else:
-            return tl.dot(a, b)
-
-    @triton.jit
     def _form(a_ptr, b_ptr, t, t_ok, s_at, s_ar, s_bt, s_br, s_bd, d, R: tl.constexpr, D: tl.constexpr):
         """sum_r a[t, r] * b[t, r, :] for a block of tokens t: (len(t), len(d)) fp32; a_ptr points at this
         (sequence, head)'s A entries, b_ptr at this sequence's B rows; tokens past the end and features past D
@@ -87,16 +80,6 @@ if HAS_TRITON:
             x += a[:, None] * tl.load(b_ptr + t[:, None] * s_bt + r * s_br + d[None, :] * s_bd, mask=b_ok,
                                       other=0.0).to(tl.float32)
         return x
-
-    @triton.jit
-    def _online_softmax(s_log2, m_i, l_i, acc):
-        """Fold one block of logits (base-2 units, -inf where masked) into the running max m_i, sum l_i and output
-        acc: returns the block's weights p, the new max, sum and rescaled acc (every row has a visible key in its
-        first block, so the max is finite from then on)."""
-        m_new = tl.maximum(m_i, tl.max(s_log2, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s_log2 - m_new[:, None])
-        return p, m_new, l_i * alpha + tl.sum(p, axis=1), acc * alpha[:, None]
 
     @triton.jit
     def _tpa_attention_fwd(
