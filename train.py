@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack, nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 
 import numpy as np
 import torch
@@ -90,6 +90,8 @@ dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), b
 compile = True  # torch.compile the model (compile time is reported apart from step time)
 tpa_attention = "materialise"  # T6's attention: "materialise" (Q, K, V, then SDPA) or "fused" (from the factors,
 # tpa_kernels/tpa_attention.py: less memory; speed in benchmarks/RESULTS.md)
+float8 = False  # float8 GEMMs in the blocks' Linear layers (torchao, rowwise scaling); CUDA sm_89+ (Ada, Hopper),
+# emulated on the CPU (float8's numerics, not its speed); MFU stays against the bf16 peak
 # -----------------------------------------------------------------------------
 _MODEL_KEYS = {f.name: f.type for f in fields(GPTConfig) if f.name not in ("block_size", "attn")}
 def check_settings(c):
@@ -201,8 +203,60 @@ if dry_run:
           f"training FLOPs per token: {model.flops_per_token(block_size):,} | tokens per iteration: {tokens_per_iter:,}")
     sys.exit(0)
 
+
+
+def to_float8(model):
+    """Swap the blocks' Linear layers for torchao's Float8Linear with rowwise scaling (float8 operands with one
+    scale per row, in the forward and both backward GEMMs); the weights stay in float32 and the checkpoints keep
+    their keys. The output layer (tied to the embedding, read by the fused cross-entropy) stays in the autocast
+    dtype. Returns the names converted, padded and kept."""
+    if device_type not in ("cuda", "cpu"):
+        raise SystemExit(f"float8=True runs on CUDA (sm_89+) or, emulated, on the CPU; not on {device_type}")
+    if device_type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        major, minor = torch.cuda.get_device_capability(device)
+        raise SystemExit(f"float8=True needs float8 tensor cores (sm_89+: Ada, Hopper, Blackwell); this GPU is "
+                         f"sm_{major}{minor}: run with float8=False")
+    try:
+        from torchao.float8 import Float8LinearConfig
+        from torchao.float8.float8_linear import Float8Linear, matmul_with_hp_or_float8_args
+    except ImportError:
+        raise SystemExit("float8=True needs torchao: pip install torchao") from None
+
+    class PaddedFloat8Linear(Float8Linear):
+        """Float8Linear for sizes that are not multiples of 16, which float8 GEMMs need in both dimensions of the
+        weight (Medium's SwiGLU is 1024 -> 5460 and 2730 -> 1024; T6's factor projections are odd widths): the
+        weight and the input are padded with zeros per call, as model.Linear pads for cuBLAS, and the output sliced
+        back. Zeros change no sum and no row's scale."""
+
+        def forward(self, x):
+            if torch.is_autocast_enabled():  # as Float8Linear.forward does
+                x = x.to(torch.get_autocast_gpu_dtype())
+            pad_in, pad_out = -self.in_features % 16, -self.out_features % 16
+            w = torch.nn.functional.pad(self.weight, (0, pad_in, 0, pad_out))
+            y = matmul_with_hp_or_float8_args.apply(torch.nn.functional.pad(x, (0, pad_in)), w.t(),
+                                                    self.linear_mm_config, self.config)
+            return y[..., :self.out_features]
+
+    config = replace(Float8LinearConfig.from_recipe_name("rowwise"), emulate=device_type == "cpu")
+    layers = dict(converted=[], padded=[], kept=["lm_head"])
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, torch.nn.Linear) or name in layers["kept"]:
+            continue
+        aligned = mod.in_features % 16 == 0 and mod.out_features % 16 == 0
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, (Float8Linear if aligned else PaddedFloat8Linear).from_float(
+            mod, config=config))
+        layers["converted"].append(name)
+        if not aligned:
+            layers["padded"].append(f"{name} ({mod.in_features} -> {mod.out_features})")
+    print0(f"float8: {len(layers['converted'])} Linear layers, {len(layers['padded'])} of them padded to multiples of "
+           f"16" + (", emulated on the CPU" if device_type == "cpu" else "") + f"; the output layer stays {dtype}")
+    return layers
+
+
 torch.manual_seed(seed)
 model = GPT(mconf).to(device)
+float8_layers = to_float8(model) if float8 else None  # before the optimizer and torch.compile see the modules
 raw_model = model
 
 if decay_all:
@@ -324,7 +378,7 @@ if master:
                   attn_params_per_layer=raw_model.attn_params_per_layer(), flops_per_token=flops_per_token,
                   kv_cache_elems_per_token=raw_model.kv_cache_elems_per_token(), tokens_per_iter=tokens_per_iter,
                   peak_flops_per_device=peak, kernel_choices={k: choice(k) for k in KERNEL_CHOICES},
-                  start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  float8_layers=float8_layers, start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(os.path.join(out_dir, "header.json" if iter_num == 0 else f"header_resume_{iter_num:07d}.json"), "w") as f:
         json.dump(header, f, indent=1)
     # a resumed run rewrites the log from its checkpoint on, so the metrics match one uninterrupted run

@@ -18,7 +18,7 @@ import checkpoint as ckpt_lib
 from conftest import ROOT, child_env
 from data.shards import write_shard
 from common import peak_flops
-from model import GPT
+from model import GPT, GPTConfig
 
 ENV = child_env()
 
@@ -203,6 +203,7 @@ def test_non_finite_gradient_never_reaches_a_checkpoint(data_dir, tmp_path):
     ("max_iters=-5", "max_iters=-5 must be >= 0"), ("dtype=bf17", "dtype='bf17'; choose one of auto, bfloat16"),
     ("device=cuda", "device='cuda' but CUDA is not available here"), ("device=gpu", "device='gpu' is not a device"),
     ("tpa_attention=flash", "tpa_attention='flash' must be 'materialise' or 'fused'"),
+    ("float8=1", "--float8=1: float8=1 has type int, expected bool"),
 ])
 def test_settings_are_checked_before_anything_runs(data_dir, tmp_path, bad, message):
     if "cuda" in bad and torch.cuda.is_available():
@@ -250,6 +251,29 @@ def test_tpa_attention_choice_holds_for_the_whole_run(data_dir, tmp_path):
     assert runs["materialise"][0] is None and runs["fused"][0] == "fused"
     for (i, a), (j, b) in zip(runs["materialise"][1], runs["fused"][1], strict=True):
         assert i == j and a == pytest.approx(b, rel=1e-5)
+
+
+def test_float8_trains_resumes_and_leaves_plain_checkpoints(data_dir, tmp_path):
+    """float8=True (torchao's rowwise float8, emulated on the CPU) swaps every block's Linear layer, padding those
+    whose sizes are not multiples of 16, keeps the output layer, trains within float8's rounding of the plain run
+    but not equal to it, resumes exactly, and writes checkpoints a plain model loads."""
+    pytest.importorskip("torchao.float8", reason="pip install torchao (requirements.txt)")
+    plain, full, part = (str(tmp_path / n) for n in ("plain", "full", "part"))
+    kw = dict(max_iters=6, eval_interval=4)
+    train(base_args(data_dir, plain, **kw))
+    p = train(base_args(data_dir, full, float8=True, **kw))
+    assert "float8: 8 Linear layers, 6 of them padded to multiples of 16, emulated on the CPU" in p.stdout
+    layers = json.load(open(os.path.join(full, "header.json")))["float8_layers"]
+    assert len(layers["converted"]) == 8 and layers["kept"] == ["lm_head"]
+    assert "transformer.h.1.mlp.c_proj (170 -> 64)" in layers["padded"]
+    assert not any("attn.c_proj" in n for n in layers["padded"])  # 64 -> 64 needs no padding
+    a, b = (np.array([loss for _, loss in losses(d)]) for d in (plain, full))
+    assert (a != b).any() and np.allclose(a, b, rtol=5e-3, atol=0)  # float8's rounding, not a different model
+    train(base_args(data_dir, part, float8=True, **dict(kw, max_iters=3)))
+    train(base_args(data_dir, part, float8=True, init_from="resume", **kw))
+    assert losses(part) == losses(full)  # bit for bit
+    ckpt = ckpt_lib.load_checkpoint(full)
+    GPT(GPTConfig(**ckpt["model_config"])).load_state_dict(ckpt["model"])  # strict: the plain model's keys
 
 
 def test_second_stop_signal_exits_at_once(data_dir, tmp_path):
