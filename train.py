@@ -229,8 +229,8 @@ def to_float8(model):
         back. Zeros change no sum and no row's scale."""
 
         def forward(self, x):
-            if torch.is_autocast_enabled():  # as Float8Linear.forward does
-                x = x.to(torch.get_autocast_gpu_dtype())
+            if torch.is_autocast_enabled(x.device.type):  # as Float8Linear.forward does
+                x = x.to(torch.get_autocast_dtype(x.device.type))
             pad_in, pad_out = -self.in_features % 16, -self.out_features % 16
             w = torch.nn.functional.pad(self.weight, (0, pad_in, 0, pad_out))
             y = matmul_with_hp_or_float8_args.apply(torch.nn.functional.pad(x, (0, pad_in)), w.t(),
