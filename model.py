@@ -31,6 +31,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from tpa_kernels import (apply_rope, cross_entropy_loss, flashtpa_decode, linear_cross_entropy, linear_factors,
                          linear_one_row, pick, swiglu, tpa_attention, tpa_materialize)
@@ -517,7 +518,6 @@ class TPA(Attention):
         return tpa_materialize(a, b, 1.0 / self.ranks[n], impl=None if self.materialize_kernel else "ref")
 
     def forward(self, x, rope, cache=None):
-        B, T, _ = x.shape
         q, p = self.pieces(x, rope)
         rope_x = rope[self.rope_dim]
         if cache is not None:
@@ -525,16 +525,26 @@ class TPA(Attention):
             if not cache.fresh:
                 kv = {name: cache.read(name) for name in self.cache_spec()}
                 return self.output(self.decode(q, p, kv, rope_x, cache), x)
-        H, D = self.n_head, self.head_dim
         how = choice("tpa_attention")
-        if how is not None and self.from_factors_ok:  # Q, K and V never written: the kernel forms their tiles
+        if how in ("fused", "triton") and self.from_factors_ok:  # Q, K, V never written: the kernel forms their tiles
             factors = [t for n in "qkv" for t in self.assemble(p, n, rope_x)]
             return self.output(tpa_attention(*factors, impl="triton" if how == "triton" else None), x)
+        if how == "recompute" and torch.is_grad_enabled():
+            # keep only the factors for the backward, which builds Q, K, V and runs the attention forward again
+            y = torch.utils.checkpoint.checkpoint(self.attend_pieces, q, p, rope_x, use_reentrant=False)
+        else:
+            y = self.attend_pieces(q, p, rope_x)
+        return self.output(y, x)
+
+    def attend_pieces(self, q, p, rope_x):
+        """Q, K, V built from the projection's pieces (q: a standard query, or None for a factored one), then
+        attention -> (B, T, H, E)."""
+        (B, T), H, D = next(iter(p.values())).shape[:2], self.n_head, self.head_dim
         q = self.materialize(*self.assemble(p, "q", rope_x), "q") if q is None else q.transpose(1, 2)
         k, v = (self.materialize(*self.assemble(p, n, rope_x), n).expand(B, H, T, D) for n in "kv")
         if self.shift is not None:
             k, v = self.kv_shift(k, v, heads_first=True)
-        return self.output(self.attend(q.expand(B, H, T, D), k, v, heads_first=True), x)
+        return self.attend(q.expand(B, H, T, D), k, v, heads_first=True)
 
     def decode(self, q, p, kv, rope_x, cache):
         """The new tokens' queries against the whole cache, in factor space (FlashTPA) -> (B, T, H, D)."""

@@ -88,8 +88,9 @@ min_lr = 3e-5
 device = "auto"  # auto (cuda if present), cuda, cuda:N, cpu, mps
 dtype = "auto"  # auto (bf16 where supported, else fp16 on CUDA, fp32 on CPU), bfloat16, float16, float32 (bf16, ...)
 compile = True  # torch.compile the model (compile time is reported apart from step time)
-tpa_attention = "materialise"  # T6's attention: "materialise" (Q, K, V, then SDPA) or "fused" (from the factors,
-# tpa_kernels/tpa_attention.py: less memory; speed in benchmarks/RESULTS.md)
+tpa_attention = "materialise"  # T6's attention: "materialise" (Q, K, V, then SDPA), "recompute" (the same, with Q,
+# K, V built again in the backward instead of kept) or "fused" (from the factors, tpa_kernels/tpa_attention.py); the
+# last two keep less memory; speed in benchmarks/RESULTS.md
 float8 = False  # float8 GEMMs in the blocks' Linear layers (torchao, rowwise scaling); CUDA sm_89+ (Ada, Hopper),
 # emulated on the CPU (float8's numerics, not its speed); MFU stays against the bf16 peak
 # -----------------------------------------------------------------------------
@@ -107,8 +108,8 @@ def check_settings(c):
             raise ValueError(f"{k}={c[k]} must be in [0, 1)")
     if not c["adam_eps"] > 0:
         raise ValueError(f"adam_eps={c['adam_eps']} must be > 0")
-    if c["tpa_attention"] not in ("materialise", "fused"):
-        raise ValueError(f"tpa_attention={c['tpa_attention']!r} must be 'materialise' or 'fused'")
+    if c["tpa_attention"] not in ("materialise", "recompute", "fused"):
+        raise ValueError(f"tpa_attention={c['tpa_attention']!r} must be 'materialise', 'recompute' or 'fused'")
     check_dtype(c["dtype"])
     resolve_device(c["device"])
 

@@ -351,3 +351,42 @@ def test_model_config_errors():
     assert model_config("small", "mqa").n_kv_head == 1
     assert model_config("small", "mha").n_kv_head == 12
     assert model_config("small", "mha", n_head=None).n_head == 12  # None means "from the table"
+
+
+@pytest.mark.parametrize("opts", [{}, dict(kv_shift=True, attn_gate=True), dict(tpa_order=3)],
+                         ids=["t6", "kv_shift-gate", "order3"])
+@pytest.mark.parametrize("attn", ["tpa", "tpa_kvonly"])
+def test_tpa_recompute_keeps_less_and_changes_nothing(attn, opts, monkeypatch):
+    """overrides(tpa_attention="recompute"): the backward builds Q, K, V and runs attention again (each layer's
+    attend_pieces runs twice) instead of keeping them, so the tensors autograd keeps shrink by at least Q, K and V
+    per layer; loss and every gradient are the materialising path's. Without autograd nothing is recomputed."""
+    from tpa_kernels.dispatch import overrides
+    calls = []
+    real = TPA.attend_pieces
+    monkeypatch.setattr(TPA, "attend_pieces", lambda self, *a: calls.append(1) or real(self, *a))
+    model = randomize(tiny(attn, **opts))
+    B, T, cfg = 2, 24, model.config
+    idx = torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(0))
+    runs = {}
+    for how in (None, "recompute"):
+        kept = {}
+
+        def pack(t):
+            kept[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
+            return t
+        model.zero_grad()
+        calls.clear()
+        with overrides(tpa_attention=how), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = model(idx, idx)[1]
+        loss.backward()
+        runs[how] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}, sum(kept.values())
+        assert len(calls) == cfg.n_layer * (2 if how else 1)
+    qkv_bytes = 3 * B * T * cfg.n_head * cfg.head_dim * 4 * cfg.n_layer
+    assert runs["recompute"][2] <= runs[None][2] - qkv_bytes, (runs["recompute"][2], runs[None][2], qkv_bytes)
+    assert runs["recompute"][0] == pytest.approx(runs[None][0], rel=1e-6)
+    for n, g in runs[None][1].items():
+        torch.testing.assert_close(runs["recompute"][1][n], g, rtol=1e-5, atol=1e-7, msg=n)
+    calls.clear()
+    with overrides(tpa_attention="recompute"), torch.no_grad():
+        model(idx, idx)
+    assert len(calls) == cfg.n_layer

@@ -202,7 +202,7 @@ def test_non_finite_gradient_never_reaches_a_checkpoint(data_dir, tmp_path):
     ("beta2=1.0", "beta2=1.0 must be in [0, 1)"), ("adam_eps=0", "adam_eps=0.0 must be > 0"),
     ("max_iters=-5", "max_iters=-5 must be >= 0"), ("dtype=bf17", "dtype='bf17'; choose one of auto, bfloat16"),
     ("device=cuda", "device='cuda' but CUDA is not available here"), ("device=gpu", "device='gpu' is not a device"),
-    ("tpa_attention=flash", "tpa_attention='flash' must be 'materialise' or 'fused'"),
+    ("tpa_attention=flash", "tpa_attention='flash' must be 'materialise', 'recompute' or 'fused'"),
     ("float8=1", "--float8=1: float8=1 has type int, expected bool"),
 ])
 def test_settings_are_checked_before_anything_runs(data_dir, tmp_path, bad, message):
@@ -240,17 +240,18 @@ def test_dtype_aliases(data_dir, tmp_path):
 
 
 def test_tpa_attention_choice_holds_for_the_whole_run(data_dir, tmp_path):
-    """tpa_attention="fused" is in force when the model runs (the header records the dispatch's choices as the
-    model reads them; the block was once left at once when its context manager was garbage-collected), and on the
-    CPU, where it runs the reference, the losses are the materialising run's."""
+    """tpa_attention="fused" / "recompute" is in force when the model runs (the header records the dispatch's
+    choices as the model reads them; the block was once left at once when its context manager was
+    garbage-collected), and on the CPU the losses are the materialising run's."""
     runs = {}
-    for how in ("materialise", "fused"):
+    for how in ("materialise", "fused", "recompute"):
         out = tmp_path / how
         train(base_args(data_dir, str(out), max_iters=3, tpa_attention=how))
         runs[how] = json.load(open(out / "header.json"))["kernel_choices"]["tpa_attention"], losses(str(out))
-    assert runs["materialise"][0] is None and runs["fused"][0] == "fused"
-    for (i, a), (j, b) in zip(runs["materialise"][1], runs["fused"][1], strict=True):
-        assert i == j and a == pytest.approx(b, rel=1e-5)
+    assert runs["materialise"][0] is None and runs["fused"][0] == "fused" and runs["recompute"][0] == "recompute"
+    for how in ("fused", "recompute"):
+        for (i, a), (j, b) in zip(runs["materialise"][1], runs[how][1], strict=True):
+            assert i == j and a == pytest.approx(b, rel=1e-5), how
 
 
 def test_float8_trains_resumes_and_leaves_plain_checkpoints(data_dir, tmp_path):

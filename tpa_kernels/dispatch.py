@@ -62,13 +62,16 @@ def overrides(**choices):
         in the interpreter, as the tests do);
       mla_absorb: True (MLA decodes in the latent space) or False (it materialises K and V);
       tpa_attention: T6's attention without a cache (training, evaluation, a prefill into an empty cache): None
-        (materialise Q, K and V, then SDPA), "fused" (tpa_kernels/tpa_attention.py, which forms the tiles from the
-        factors inside the kernel, on CUDA; its reference elsewhere) or "triton" (that kernel wherever Triton runs)."""
+        (materialise Q, K and V, then SDPA), "recompute" (the same, but the backward builds Q, K, V and runs the
+        attention forward again instead of keeping them: torch.utils.checkpoint), "fused" (tpa_kernels/tpa_attention.py,
+        which forms the tiles from the factors inside the kernel, on CUDA; its reference elsewhere) or "triton" (that
+        kernel wherever Triton runs)."""
     unknown = sorted(set(choices) - set(DEFAULTS))
     if unknown:
         raise ValueError(f"unknown kernel choices {unknown}; known: {sorted(DEFAULTS)}")
-    if choices.get("tpa_attention") not in (None, "fused", "triton"):
-        raise ValueError(f"tpa_attention={choices['tpa_attention']!r}: use None (materialise), 'fused' or 'triton'")
+    if choices.get("tpa_attention") not in (None, "recompute", "fused", "triton"):
+        raise ValueError(f"tpa_attention={choices['tpa_attention']!r}: use None (materialise), 'recompute', 'fused' "
+                         f"or 'triton'")
     saved = dict(_chosen)
     _chosen.update(choices)
     try:
