@@ -17,6 +17,7 @@ Departures from nanoGPT and from the official trainer (docs/DESIGN.md sec. 7), o
 - MFU uses the model's own FLOPs per token (model.flops_per_token) and the GPU's real peak.
 """
 
+import atexit
 import json
 import math
 import os
@@ -121,9 +122,11 @@ except ValueError as e:
     sys.exit(f"config error: {e}")
 globals().update(config)
 # kernel choices for the whole run (tpa_kernels/dispatch.py). The stack holds the block open until the process
-# ends: an entered overrides() that nothing references is garbage-collected at once, and that leaves the block.
+# ends (an entered overrides() that nothing references is garbage-collected at once, which leaves the block), and
+# atexit leaves it before the interpreter tears the modules down (else the block's exit fails on a cleared module)
 run_choices = ExitStack()
 run_choices.enter_context(overrides(tpa_attention=None if tpa_attention == "materialise" else tpa_attention))
+atexit.register(run_choices.close)
 
 def get_lr(it):
     """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (docs/DESIGN.md

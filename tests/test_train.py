@@ -246,7 +246,8 @@ def test_tpa_attention_choice_holds_for_the_whole_run(data_dir, tmp_path):
     runs = {}
     for how in ("materialise", "fused", "recompute"):
         out = tmp_path / how
-        train(base_args(data_dir, str(out), max_iters=3, tpa_attention=how))
+        p = train(base_args(data_dir, str(out), max_iters=3, tpa_attention=how))
+        assert "Traceback" not in p.stderr and "Exception ignored" not in p.stderr, p.stderr[-2000:]  # a clean exit
         runs[how] = json.load(open(out / "header.json"))["kernel_choices"]["tpa_attention"], losses(str(out))
     assert runs["materialise"][0] is None and runs["fused"][0] == "fused" and runs["recompute"][0] == "recompute"
     for how in ("fused", "recompute"):
