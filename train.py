@@ -208,7 +208,6 @@ if dry_run:
     sys.exit(0)
 
 
-
 def to_float8(model):
     """Swap the blocks' Linear layers for torchao's Float8Linear with rowwise scaling (float8 operands with one
     scale per row, in the forward and both backward GEMMs); the weights stay in float32 and the checkpoints keep
