@@ -6,6 +6,7 @@
 #   python -m scripts.sweep config/sweeps/wiki_time.py
 #   python -m scripts.compare out/sweep_wiki_lr out/sweep_wiki_time --out=report_wiki   # both budgets, one report
 exec(open("config/sweeps/wiki_lr.py").read())  # the same variants, recipe and data
+variants = [v for v in variants if v["name"] not in ("tpa_h12", "tpa_xavier")]  # the six variants, not the controls
 best_from = "out/sweep_wiki_lr"
 grid = {}
 best_seeds = []
