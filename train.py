@@ -42,7 +42,7 @@ from data.shards import TokenIdError
 from eval.val_loss import evaluate as evaluate_val
 from common import check_dtype, destroy_distributed, init_distributed, peak_flops, print0, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, model_config
-from tpa_kernels.dispatch import DEFAULTS as KERNEL_CHOICES, choice, overrides
+from tpa_kernels.dispatch import DEFAULTS as _KERNEL_DEFAULTS, choice, overrides  # "_": not a config key
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's recipe for T6 Small (docs/DESIGN.md sec. 5); config/*.py and --key=value override them
@@ -380,7 +380,7 @@ if master:
     header = dict(meta, argv=sys.argv, config=config, model_config=asdict(mconf), params=raw_model.num_params(),
                   attn_params_per_layer=raw_model.attn_params_per_layer(), flops_per_token=flops_per_token,
                   kv_cache_elems_per_token=raw_model.kv_cache_elems_per_token(), tokens_per_iter=tokens_per_iter,
-                  peak_flops_per_device=peak, kernel_choices={k: choice(k) for k in KERNEL_CHOICES},
+                  peak_flops_per_device=peak, kernel_choices={k: choice(k) for k in _KERNEL_DEFAULTS},
                   float8_layers=float8_layers, start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(os.path.join(out_dir, "header.json" if iter_num == 0 else f"header_resume_{iter_num:07d}.json"), "w") as f:
         json.dump(header, f, indent=1)

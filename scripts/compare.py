@@ -376,6 +376,16 @@ def plot(groups, path, key, x, xlabel, xscale, title):
     os.replace(path + ".tmp.png", path)
 
 
+def recorded(runs, key, source="config"):
+    """The distinct values (as JSON) that the runs recorded for a setting. A run whose header lacks the key was made
+    by train.py before the setting existed, when it behaved as the setting's first default: it is left out, so
+    that a setting added later does not split old runs from new ones (for settings of the model, where a missing
+    key means the variant has no such setting, it counts as null)."""
+    if source == "model_config":
+        return {json.dumps(s[source].get(key)) for s in runs}
+    return {json.dumps(s[source][key]) for s in runs if key in s[source]}
+
+
 def settings_tables(summaries, groups):
     """(shared settings, {key: {group: value}} for keys that differ between groups, keys that differ within one)."""
     keys = sorted({k for s in summaries for k in s["config"]} - set(RUN_KEYS))
@@ -383,14 +393,14 @@ def settings_tables(summaries, groups):
     shared, per_group, within = {}, {}, []
     for source, ks in (("config", keys), ("model_config", model_keys)):
         for k in ks:
-            values = {json.dumps(s[source].get(k)) for s in summaries}
+            values = recorded(summaries, k, source)
             if values == {"null"} and source == "config":  # a model key left to the size table: see model_config
                 continue
             if len(values) == 1:
                 if source == "config" or k not in shared:
-                    shared[k] = summaries[0][source].get(k)
+                    shared[k] = json.loads(values.pop())
                 continue
-            by_group = {g: {json.dumps(s[source].get(k)) for s in runs} for g, runs in groups.items()}
+            by_group = {g: recorded(runs, k, source) for g, runs in groups.items()}
             if any(len(v) > 1 for v in by_group.values()):
                 within.append(k)
             per_group[k] = {g: ", ".join(sorted(v)) for g, v in by_group.items()}
@@ -422,7 +432,7 @@ def grid_axes(runs):
     """The config keys whose values differ between the runs of a group (its grid); min_lr is left out beside a
     learning_rate axis (it follows the LR), as are the budget's keys."""
     keys = sorted({k for s in runs for k in s["config"]} - set(RUN_KEYS) - set(DERIVED))
-    axes = [k for k in keys if len({json.dumps(s["config"].get(k)) for s in runs}) > 1]
+    axes = [k for k in keys if len(recorded(runs, k)) > 1]
     if "learning_rate" in axes and "min_lr" in axes:
         axes.remove("min_lr")
     return axes

@@ -5,7 +5,6 @@ import contextlib
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -307,13 +306,13 @@ def test_spikes_are_flagged():
     assert compare.spikes([dict(iter=10, loss=5.0)]) == []  # older logs without the fields
 
 
-def fake_run(root, name, variant, seed, lr, final, budget="tokens=1000", grad=None, complete=True):
+def fake_run(root, name, variant, seed, lr, final, budget="tokens=1000", grad=None, complete=True, **extra):
     """A run folder with what train.py writes (header.json, metrics.jsonl): 10 iterations, evaluations at 0, 5
     and 10 (the last one `final`), log windows every 2 iterations."""
     path = os.path.join(root, name)
     os.makedirs(path)
     config = dict(variant=variant, seed=seed, learning_rate=lr, min_lr=lr / 10, max_iters=10, lr_decay_iters=10,
-                  budget=budget, gradient_accumulation_steps=1, batch_size=4, block_size=25, warmup_iters=1)
+                  budget=budget, gradient_accumulation_steps=1, batch_size=4, block_size=25, warmup_iters=1, **extra)
     json.dump(dict(config=config, model_config=dict(attn=variant), params=1000, tokens_per_iter=100,
                    flops_per_token=6000, device="cpu", world_size=1), open(os.path.join(path, "header.json"), "w"))
     grads = grad or [1.0] * 5
@@ -361,6 +360,21 @@ def test_best_learning_rate_the_edge_flag_and_the_fit(tmp_path):
     summary = json.load(open(tmp_path / "both" / "summary.json"))
     assert [b["groups"]["mha"]["best_point"] for b in summary["budgets"]] == ["lr=3e-4", "-"]
     assert summary["budgets"][1]["leader"] == "tpa"
+
+
+def test_a_setting_added_to_train_py_later_does_not_split_old_runs_from_new(tmp_path):
+    """Runs made before train.py had a setting lack it in their header: they group with newer runs that record
+    its default, while a setting that really differs within a group is still a grid axis."""
+    fake_run(tmp_path / "runs", "tpa_lr6e-4_s1", "tpa", 1, 6e-4, 4.90)
+    fake_run(tmp_path / "runs", "tpa_lr6e-4_s2", "tpa", 2, 6e-4, 4.92, float8=False)
+    fake_run(tmp_path / "runs", "tpa_lr1e-3_s1", "tpa", 1, 1e-3, 5.00)
+    fake_run(tmp_path / "runs", "mha_lr6e-4_s1", "mha", 1, 6e-4, 5.00, float8=False)
+    fake_run(tmp_path / "runs", "mha_lr6e-4_s2", "mha", 2, 6e-4, 5.02, float8=True)
+    compare.write_report(compare.find_runs([str(tmp_path / "runs")]), str(tmp_path / "report"))
+    groups = json.load(open(tmp_path / "report" / "summary.json"))["groups"]
+    assert groups["tpa"]["best_point"] == "lr=6e-4"
+    assert groups["tpa"]["runs"] == ["tpa_lr6e-4_s1", "tpa_lr6e-4_s2"]  # one point over both seeds
+    assert groups["mha"]["best_point"] == "float8=False"  # recorded, and different: an axis
 
 
 def test_tiny_preset_with_a_two_point_lr_grid_end_to_end(data_dir, tmp_path):

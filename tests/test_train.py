@@ -236,7 +236,11 @@ def test_token_ids_outside_the_vocabulary_name_the_file(data_dir, tmp_path):
 
 def test_dtype_aliases(data_dir, tmp_path):
     train(base_args(data_dir, str(tmp_path / "run"), dtype="fp32", max_iters=1))
-    assert json.load(open(tmp_path / "run" / "header.json"))["dtype"] == "float32"
+    header = json.load(open(tmp_path / "run" / "header.json"))
+    assert header["dtype"] == "float32"
+    # the config holds train.py's settings only, not names it imports (a dict imported as KERNEL_CHOICES once
+    # became a --KERNEL_CHOICES setting and a column of every sweep report)
+    assert all(k.islower() for k in header["config"]), [k for k in header["config"] if not k.islower()]
 
 
 def test_tpa_attention_choice_holds_for_the_whole_run(data_dir, tmp_path):
@@ -290,7 +294,6 @@ def test_second_stop_signal_exits_at_once(data_dir, tmp_path):
             break
     p.send_signal(signal.SIGINT)
     time.sleep(1.2)
-    t0 = time.time()
     p.send_signal(signal.SIGINT)
     text = p.communicate(timeout=60)[0]
     assert p.returncode == 128 + signal.SIGINT and "second stop signal" in text, text[-2000:]
