@@ -30,6 +30,8 @@ import time
 from contextlib import ExitStack, nullcontext
 from dataclasses import asdict, fields, replace
 
+_t_launch = time.time()  # the wall-time summary at the end counts from here, imports included ("_": not a setting)
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -415,10 +417,12 @@ def evaluate():
 
     Through the module inside DDP: DDP's forward broadcasts buffers, a collective that would hang when ranks run
     different numbers of batches (a small eval_tokens leaves some ranks none)."""
+    t0 = time.time()
     net = model.module if ddp else model
     net.eval()
     loss = evaluate_val(net, val_set, batch_size, device, autocast, rank, world_size)["loss"]
     net.train()
+    wall["evaluation"] += time.time() - t0
     return loss
 
 
@@ -441,6 +445,7 @@ def check_finite(stats, last_iter):
 
 
 def checkpoint(val_loss=None):
+    t0 = time.time()
     rng = dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                cuda=torch.cuda.get_rng_state() if device_type == "cuda" else None)
     rngs = [None] * world_size
@@ -472,6 +477,7 @@ def checkpoint(val_loss=None):
         raise SystemExit(f"could not save a checkpoint at iteration {iter_num}" + (f" ({error})" if error else "")
                          + (f"; the previous one, {os.path.basename(kept[-1])}, is kept" if kept else "")
                          + ". Free space in out_dir, then resume with --init_from=resume")
+    wall["checkpoints"] += time.time() - t0
 
 
 # preemption: SIGTERM / SIGINT save a checkpoint at the end of the current step; a second one a second or more
@@ -528,6 +534,7 @@ def flush_stats():
     stats.clear()
 
 
+wall = dict(startup=time.time() - _t_launch, evaluation=0.0, checkpoints=0.0)  # seconds, for the summary at the end
 if iter_num == 0:
     val_loss = evaluate()
     print0(f"iter 0: val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}")
@@ -565,7 +572,8 @@ while iter_num < max_iters:
     if first_step:  # compilation and warm-up happen here: reported apart from the step time
         if device_type == "cuda":
             torch.cuda.synchronize()
-        print0(f"first step (compilation and warm-up) took {time.time() - t0:.1f}s")
+        wall["first step"] = time.time() - t0
+        print0(f"first step (compilation and warm-up) took {wall['first step']:.1f}s")
         first_step = False
         stats.restart_clock()
 
@@ -591,5 +599,11 @@ while iter_num < max_iters:
             print0(f"stop signal: saving a checkpoint at iteration {iter_num}")
             checkpoint()
         break
+
+# where this process's time went: the steps are what tokens/s counts; the rest is what a sweep pays per run
+total = time.time() - _t_launch
+print0(f"wall time {total:.1f}s: startup {wall['startup']:.1f}s (imports, data, model), first step "
+       f"{wall.get('first step', 0.0):.1f}s (compilation), other steps {total - sum(wall.values()):.1f}s, "
+       f"evaluation {wall['evaluation']:.1f}s, checkpoints {wall['checkpoints']:.1f}s")
 
 destroy_distributed(dist_info)

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import runpy
+import re
 import signal
 import subprocess
 import sys
@@ -235,7 +236,13 @@ def test_token_ids_outside_the_vocabulary_name_the_file(data_dir, tmp_path):
 
 
 def test_dtype_aliases(data_dir, tmp_path):
-    train(base_args(data_dir, str(tmp_path / "run"), dtype="fp32", max_iters=1))
+    p = train(base_args(data_dir, str(tmp_path / "run"), dtype="fp32", max_iters=1))
+    # the run ends with where its time went, the parts adding up to the total
+    m = re.search(r"wall time ([\d.]+)s: startup ([\d.]+)s .*first step ([\d.]+)s .*other steps (-?[\d.]+)s, "
+                  r"evaluation ([\d.]+)s, checkpoints ([\d.]+)s", p.stdout)
+    assert m, p.stdout[-1000:]
+    total, *parts = map(float, m.groups())
+    assert total == pytest.approx(sum(parts), abs=0.3) and min(parts) >= 0 and parts[0] > 0
     header = json.load(open(tmp_path / "run" / "header.json"))
     assert header["dtype"] == "float32"
     # the config holds train.py's settings only, not names it imports (a dict imported as KERNEL_CHOICES once
