@@ -68,7 +68,8 @@ seeds = [1337]  # every variant runs once per seed (model init and data order)
 grid = {}  # {train.py key: [values]}: every variant runs every combination (a variant's own 'grid' replaces it)
 min_lr_ratio = 0.1  # on a learning_rate axis, min_lr = learning_rate x this (unless min_lr is set otherwise)
 best_seeds = []  # further seeds, run at each variant's best grid point once its grid (over `seeds`) has finished
-best_from = ""  # another sweep's out_root: each variant runs at its best grid point there (replacing its grid)
+best_from = ""  # another sweep's out_root: each variant runs at its best grid point there (replacing its grid);
+# a variant with best_of="tpa" takes tpa's point there (e.g. dict(name="tpa_float8", best_of="tpa", float8=True))
 # the budget, one of:
 max_iters = 0  # optimizer steps
 max_tokens = 0  # tokens (rounded up to whole iterations)
@@ -215,7 +216,7 @@ class Run:
         self.label = self.variant + (f"_{self.point_name}" if point else "")  # the run's name without its seed
         self.name = f"{self.label}_s{seed}"
         self.out_dir = os.path.join(sweep["out_root"], self.name)
-        keys = {k: v for k, v in variant.items() if k not in ("name", "grid")}
+        keys = {k: v for k, v in variant.items() if k not in ("name", "grid", "best_of")}
         point_args = dict(point)
         if "learning_rate" in point and "min_lr" not in point and "min_lr" not in keys:
             point_args["min_lr"] = float(f"{point['learning_rate'] * sweep['min_lr_ratio']:.6g}")  # follows the peak
@@ -375,16 +376,17 @@ def take_best_points(sweep):
     except ValueError as e:
         raise ValueError(f"best_from: {e}") from None
     for v in sweep["variants"]:
-        runs = [s for s in found if s["variant"] == v["name"]]
+        source = v.get("best_of", v["name"])
+        runs = [s for s in found if s["variant"] == source]
         unfinished = [s["name"] for s in runs if not s["complete"]]
         if not runs or unfinished:
-            raise ValueError(f"best_from={sweep['best_from']!r}: variant {v['name']!r} has "
+            raise ValueError(f"best_from={sweep['best_from']!r}: variant {source!r} has "
                              + (f"unfinished runs there ({', '.join(unfinished)})" if runs else "no runs there")
                              + "; finish that sweep first (it resumes), or leave the variant out")
         group = analyse_group(runs)
         best = group["runs"][0]["config"]
         v["grid"] = {k: [best[k]] for k in group["axes"]}
-        print(f"{v['name']}: at its best point in {sweep['best_from']}: {group['best']} (runs "
+        print(f"{v['name']}: at {source}'s best point in {sweep['best_from']}: {group['best']} (runs "
               f"{', '.join(s['name'] for s in group['runs'])})", file=sys.stderr)
 
 
@@ -438,6 +440,9 @@ def parse_args(argv):
             raise ValueError(f"variant {v['name']!r} sets {bad}: the sweep sets these per run")
         grid = v.get("grid", sweep["grid"])
         check_grid(grid, f"variant {v['name']!r}", RESERVED)
+        if "best_of" in v and not (isinstance(v["best_of"], str) and sweep["best_from"]):
+            raise ValueError(f"variant {v['name']!r}: best_of={v['best_of']!r} names the variant of best_from's sweep "
+                             f"whose best point it runs at; set best_from (that sweep's out_root) and a variant name")
         both = sorted(set(grid) & (set(v) | set(cli_train)))
         if both:
             raise ValueError(f"variant {v['name']!r}: {both} is both a grid axis and set for every run; keep one")

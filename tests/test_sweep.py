@@ -451,6 +451,15 @@ def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path
     with pytest.raises(ValueError, match="variant 'gqa' has no runs there"):
         sweep_script.parse_args(["config/sweeps/tiny_cpu.py", f"--best_from={tmp_path / 'lr'}",
                                  "--variants=[{'name': 'gqa', 'attn': 'gqa'}]"])
+    # best_of: a new variant (here T6 with float8) at another variant's best point, named for itself
+    shutil.rmtree(tmp_path / "lr" / "tpa_lr0.003_s1")
+    sw = sweep_script.parse_args(["config/sweeps/tiny_cpu.py", "--max_iters=4", f"--best_from={tmp_path / 'lr'}",
+                                  "--variants=[{'name': 'tpa_f8', 'attn': 'tpa', 'float8': True, 'best_of': 'tpa'}]"])
+    run = sweep_script.Run(sw["variants"][0], {"learning_rate": 3e-4}, 1, sw)
+    assert sw["variants"][0]["grid"] == {"learning_rate": [3e-4]} and run.name == "tpa_f8_lr3e-4_s1"
+    assert "--float8=True" in run.args and not any(a.startswith("--best_of") for a in run.args)
+    with pytest.raises(ValueError, match="best_of='tpa' names the variant of best_from's sweep"):
+        sweep_script.parse_args(["config/sweeps/tiny_cpu.py", "--variants=[{'name': 'x', 'best_of': 'tpa'}]"])
 
 
 def test_best_point_waits_for_the_grid_and_passes_over_a_failed_run(tmp_path):
