@@ -1,0 +1,16 @@
+# The one-GPU comparison at equal training FLOPs: each of the six variants of config/sweeps/wiki_lr.py at its best
+# learning rate there (best_from), over two seeds, trained for about the FLOPs MHA spends on 20M tokens (798M
+# FLOPs per token at Small and T = 1024, GPT.flops_per_token in model.py): a variant that costs more per token (T6:
+# 908M) trains fewer tokens, one that costs less trains more, and each cosine ends with its budget, so the report
+# compares finished runs. Run it after wiki_lr.py:
+#   python -m scripts.sweep config/sweeps/wiki_flops.py
+#   python -m scripts.compare out/sweep_wiki_lr out/sweep_wiki_flops out/sweep_wiki_time --out=report_wiki
+exec(open("config/sweeps/wiki_lr.py").read())  # the same variants, recipe and data
+variants = [v for v in variants if v["name"] not in ("tpa_h12", "tpa_xavier")]  # the six variants, not the controls
+best_from = "out/sweep_wiki_lr"
+grid = {}
+best_seeds = []
+seeds = [1337, 1338]
+max_tokens = 0
+max_flops = 1.6e16  # MHA: 20M tokens x 798M FLOPs per token
+out_root = "out/sweep_wiki_flops"
