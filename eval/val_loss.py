@@ -65,6 +65,9 @@ def evaluate(model, val_set, batch_size, device="cpu", autocast=nullcontext(), r
         if n < batch_size:
             x = torch.cat([x, x.new_zeros(batch_size - n, T)])
             y = torch.cat([y, y.new_full((batch_size - n, T), -1)])
+        # contiguous like the padded batch: a compiled model guards on strides, and the windows' views (stride
+        # T + 1) would compile the whole model a second time for the last batch
+        x, y = x.contiguous(), y.contiguous()
         if ignore is not None:
             y = y.masked_fill(torch.isin(y, ignore), -1)
         with autocast:

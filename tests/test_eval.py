@@ -270,3 +270,23 @@ def test_bits_per_byte_counts_text_bytes_only(tmp_path):
     assert got["bpb"] == pytest.approx(got["text_tokens"] * math.log(V) / math.log(2) / hand_bytes, rel=1e-6)
     everything = evaluate(model, val, 2)  # the plain loss still counts every target
     assert everything["tokens"] == n - 1 and everything["loss"] == pytest.approx(math.log(V), rel=1e-6)
+
+
+def test_val_loss_compiles_the_model_once(tmp_path):
+    """Every validation batch reaches a compiled model with one shape and one layout: the windows are views
+    (stride block_size + 1) and the padded last batch is a new tensor, which once compiled the whole model a
+    second time on every run's first evaluation."""
+    from data.loader import ValSet
+    from data.shards import write_shard
+    from eval.val_loss import evaluate
+    write_shard(str(tmp_path / "d_val_000000.bin"), np.arange(300, dtype=np.uint16) % 256)
+    val = ValSet(str(tmp_path), 16, 5 * 16 + 1)  # 5 windows: batches of 2, 2 and a padded 1
+    assert val.n_windows == 5
+    model = GPT(model_config("tiny", "mha", block_size=16, vocab_size=256))
+    from torch._dynamo.testing import CompileCounter
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=counter)
+    got = evaluate(compiled, val, 2)["loss"]
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times"
+    assert got == pytest.approx(evaluate(model, val, 2)["loss"], rel=1e-5)
