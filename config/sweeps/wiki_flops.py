@@ -5,8 +5,8 @@
 # compares finished runs. Run it after wiki_lr.py:
 #   python -m scripts.sweep config/sweeps/wiki_flops.py
 #   python -m scripts.compare out/sweep_wiki_lr out/sweep_wiki_flops out/sweep_wiki_time --out=report_wiki
-exec(open("config/sweeps/wiki_lr.py").read())  # the same variants, recipe and data
-variants = [v for v in variants if v["name"] not in ("tpa_h12", "tpa_xavier")]  # the six variants, not the controls
+exec(open("config/sweeps/wiki_lr.py").read())  # the same recipe and data
+variants = [dict(name=a, attn=a) for a in ("mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa")]  # not the two T6 controls
 best_from = "out/sweep_wiki_lr"
 grid = {}
 best_seeds = []
