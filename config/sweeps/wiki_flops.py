@@ -5,12 +5,7 @@
 # compares finished runs. Run it after wiki_lr.py:
 #   python -m scripts.sweep config/sweeps/wiki_flops.py
 #   python -m scripts.compare out/sweep_wiki_lr out/sweep_wiki_flops out/sweep_wiki_time --out=report_wiki
-exec(open("config/sweeps/wiki_lr.py").read())  # the same recipe and data
-variants = [dict(name=a, attn=a) for a in ("mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa")]  # not the two T6 controls
-best_from = "out/sweep_wiki_lr"
-grid = {}
-best_seeds = []
-seeds = [1337, 1338]
-max_tokens = 0
+exec(open("config/sweeps/wiki_time.py").read())  # the six variants at their best LR, two seeds; the recipe and data
+time_of = ""
 max_flops = 1.6e16  # MHA: 20M tokens x 798M FLOPs per token
 out_root = "out/sweep_wiki_flops"
