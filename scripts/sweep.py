@@ -388,6 +388,9 @@ def take_best_points(sweep):
         v["grid"] = {k: [best[k]] for k in group["axes"]}
         print(f"{v['name']}: at {source}'s best point in {sweep['best_from']}: {group['best']} (runs "
               f"{', '.join(s['name'] for s in group['runs'])})", file=sys.stderr)
+        if group["edge"]:  # that sweep's grid may be unfinished or too narrow: this sweep cannot tell which
+            print(f"  warning: that is the {group['edge']} learning rate {source} has there: finish or widen its grid "
+                  f"first, or the best point may lie beyond it", file=sys.stderr)
 
 
 def parse_args(argv):

@@ -437,7 +437,7 @@ def test_flops_and_time_budgets(data_dir, tmp_path):
     assert "Equal training time" not in open(os.path.join(out, "report", "report.md")).read()  # one budget
 
 
-def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path):
+def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path, capsys):
     for variant, by_lr in {"mha": {3e-4: 5.1, 1e-3: 5.0}, "tpa": {3e-4: 4.9, 1e-3: 5.0}}.items():
         for lr, loss in by_lr.items():
             fake_run(tmp_path / "lr", f"{variant}_lr{lr:g}_s1", variant, 1, lr, loss)
@@ -458,6 +458,12 @@ def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path
     run = sweep_script.Run(sw["variants"][0], {"learning_rate": 3e-4}, 1, sw)
     assert sw["variants"][0]["grid"] == {"learning_rate": [3e-4]} and run.name == "tpa_f8_lr3e-4_s1"
     assert "--float8=True" in run.args and not any(a.startswith("--best_of") for a in run.args)
+    # a best point at the edge of what the other sweep ran is said (its grid may be unfinished or too narrow)
+    assert "warning: that is the smallest learning rate tpa has there" in capsys.readouterr().err
+    fake_run(tmp_path / "lr", "tpa_lr0.0001_s1", "tpa", 1, 1e-4, 5.2)  # now 3e-4 lies inside tpa's grid
+    sweep_script.parse_args(["config/sweeps/tiny_cpu.py", "--max_iters=4", f"--best_from={tmp_path / 'lr'}"])
+    err = capsys.readouterr().err
+    assert "learning rate mha has there" in err and "learning rate tpa has there" not in err
     with pytest.raises(ValueError, match="best_of='tpa' names the variant of best_from's sweep"):
         sweep_script.parse_args(["config/sweeps/tiny_cpu.py", "--variants=[{'name': 'x', 'best_of': 'tpa'}]"])
 
