@@ -44,7 +44,8 @@ from data.shards import TokenIdError
 from eval.val_loss import evaluate as evaluate_val
 from common import check_dtype, destroy_distributed, init_distributed, peak_flops, print0, resolve_device, resolve_dtype
 from model import GPT, GPTConfig, model_config
-from tpa_kernels.dispatch import DEFAULTS as _KERNEL_DEFAULTS, choice, overrides  # "_": not a config key
+from tpa_kernels.dispatch import DEFAULTS as _KERNEL_DEFAULTS, SDPA_BACKENDS as _SDPA_BACKENDS  # "_": not settings
+from tpa_kernels.dispatch import choice, overrides, select_sdpa_backend
 
 # -----------------------------------------------------------------------------
 # defaults: the paper's recipe for T6 Small (docs/DESIGN.md sec. 5); config/*.py and --key=value override them
@@ -94,6 +95,9 @@ compile = True  # torch.compile the model (compile time is reported apart from s
 tpa_attention = "materialise"  # T6's attention: "materialise" (Q, K, V, then SDPA), "recompute" (the same, with Q,
 # K, V built again in the backward instead of kept) or "fused" (from the factors, tpa_kernels/tpa_attention.py); the
 # last two keep less memory; speed in benchmarks/RESULTS.md
+sdpa_backend = "auto"  # the attention kernel behind SDPA: "auto" (PyTorch's choice: cuDNN on Hopper), "cudnn", "flash"
+# (FlashAttention-2), "efficient", or "fa4" (flash-attn-4 through PyTorch's registry; Hopper, Blackwell; pip install
+# flash-attn-4); one that cannot run here warns and stays on auto; header.json records the one in effect
 float8 = False  # float8 GEMMs in the blocks' Linear layers (torchao, rowwise scaling); CUDA sm_89+ (Ada, Hopper),
 # emulated on the CPU (float8's numerics, not its speed); MFU stays against the bf16 peak
 # -----------------------------------------------------------------------------
@@ -111,6 +115,8 @@ def check_settings(c):
             raise ValueError(f"{k}={c[k]} must be in [0, 1)")
     if not c["adam_eps"] > 0:
         raise ValueError(f"adam_eps={c['adam_eps']} must be > 0")
+    if c["sdpa_backend"] not in _SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend={c['sdpa_backend']!r} must be one of {', '.join(_SDPA_BACKENDS)}")
     if c["tpa_attention"] not in ("materialise", "recompute", "fused"):
         raise ValueError(f"tpa_attention={c['tpa_attention']!r} must be 'materialise', 'recompute' or 'fused'")
     check_dtype(c["dtype"])
@@ -161,6 +167,7 @@ ddp, rank, local_rank, world_size, device = (dist_info.ddp, dist_info.rank, dist
 if ddp:
     flag_group = dist.new_group(backend="gloo")  # CPU collectives for the stop flag, no GPU sync
 master = rank == 0
+sdpa_in_effect = select_sdpa_backend(sdpa_backend, torch.device(device))
 if gradient_accumulation_steps % world_size:
     raise SystemExit(f"gradient_accumulation_steps={gradient_accumulation_steps} is global and must be divisible by "
                      f"the number of processes ({world_size}); e.g. --gradient_accumulation_steps="
@@ -383,7 +390,8 @@ if master:
                   attn_params_per_layer=raw_model.attn_params_per_layer(), flops_per_token=flops_per_token,
                   kv_cache_elems_per_token=raw_model.kv_cache_elems_per_token(), tokens_per_iter=tokens_per_iter,
                   peak_flops_per_device=peak, kernel_choices={k: choice(k) for k in _KERNEL_DEFAULTS},
-                  float8_layers=float8_layers, start_iter=iter_num, time=time.strftime("%Y-%m-%d %H:%M:%S"))
+                  sdpa_backend=sdpa_in_effect, float8_layers=float8_layers, start_iter=iter_num,
+                  time=time.strftime("%Y-%m-%d %H:%M:%S"))
     with open(os.path.join(out_dir, "header.json" if iter_num == 0 else f"header_resume_{iter_num:07d}.json"), "w") as f:
         json.dump(header, f, indent=1)
     # a resumed run rewrites the log from its checkpoint on, so the metrics match one uninterrupted run

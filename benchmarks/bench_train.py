@@ -41,7 +41,11 @@ def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum
                 tokens_per_s=statistics.median(m["tokens_per_s"] for m in steps),
                 mfu=statistics.median(m["mfu"] for m in steps) if "mfu" in steps[0] else None,
                 mem_gib=max(m.get("mem_gib", 0) for m in logs), loss=steps[-1]["loss"],
-                params=header["params"], flops_per_token=header["flops_per_token"])
+                params=header["params"], flops_per_token=header["flops_per_token"],
+                # what ran, as train.py recorded it: the settings passed through, the kernels in effect
+                train_args=" ".join(extra), kernel_choices=header.get("kernel_choices"),
+                sdpa_backend=header.get("sdpa_backend"), float8_layers=len((header.get("float8_layers") or
+                                                                            {}).get("converted", [])))
 
 
 def main():

@@ -67,3 +67,49 @@ def test_overrides_set_kernel_choices_for_a_block():
     with pytest.raises(ValueError, match="unknown kernel choices"):
         with overrides(flash=True):
             pass
+
+
+def test_sdpa_backend_that_cannot_run_here_warns_and_stays_on_auto(monkeypatch):
+    """train.py's sdpa_backend: a name outside the list is refused; where the kernel cannot run (no CUDA device)
+    one warning says why and PyTorch's choice stays, its switches untouched."""
+    import torch
+    from tpa_kernels.dispatch import select_sdpa_backend
+    with pytest.raises(ValueError, match="sdpa_backend='fa3': use one of auto, cudnn, flash, efficient, fa4"):
+        select_sdpa_backend("fa3", torch.device("cpu"))
+    switches = (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+                torch.backends.cuda.mem_efficient_sdp_enabled())
+    for name in ("cudnn", "flash", "efficient", "fa4"):
+        with pytest.warns(UserWarning, match=f"sdpa_backend='{name}' is not used: no CUDA device; SDPA keeps"):
+            assert select_sdpa_backend(name, torch.device("cpu")) == "auto"
+    assert select_sdpa_backend("auto", torch.device("cpu")) == "auto"
+    assert (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),
+            torch.backends.cuda.mem_efficient_sdp_enabled()) == switches
+
+
+def test_fa4_is_refused_with_the_reason_on_a_gpu_that_cannot_take_it(monkeypatch):
+    """On a stand-in CUDA device: an Ampere GPU, or flash-attn-4 missing, or a check that fails after activation
+    (PyTorch's own kernels are then restored), each warns with its reason and leaves SDPA on auto."""
+    import torch
+    import torch.nn.attention as attention
+    from tpa_kernels import dispatch
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.warns(UserWarning, match=r"compute capability 9.x \(Hopper\) or 10.x"):
+        assert dispatch.select_sdpa_backend("fa4", cuda) == "auto"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # import flash_attn fails
+    with pytest.warns(UserWarning, match="flash-attn-4 cannot be imported"):
+        assert dispatch.select_sdpa_backend("fa4", cuda) == "auto"
+    monkeypatch.delitem(sys.modules, "flash_attn")
+    for name in ("flash_attn", "flash_attn.cute", "flash_attn.cute.interface"):  # an installed stand-in
+        monkeypatch.setitem(sys.modules, name, __import__("types").ModuleType(name))
+    calls = []
+    monkeypatch.setattr(attention, "activate_flash_attention_impl", lambda impl: calls.append(("activate", impl)))
+    monkeypatch.setattr(attention, "restore_flash_attention_impl", lambda: calls.append(("restore",)))
+    # the check's tensors cannot be made on this CUDA-less machine: that failure stands for a broken kernel
+    with pytest.warns(UserWarning, match="flash-attn-4 failed a check through PyTorch's registry"):
+        assert dispatch.select_sdpa_backend("fa4", cuda) == "auto"
+    assert calls == [("activate", "FA4"), ("restore",)]
+    monkeypatch.delattr(attention, "restore_flash_attention_impl")
+    with pytest.raises(SystemExit, match="cannot restore its own flash kernels"):
+        dispatch.select_sdpa_backend("fa4", cuda)

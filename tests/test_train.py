@@ -205,6 +205,7 @@ def test_non_finite_gradient_never_reaches_a_checkpoint(data_dir, tmp_path):
     ("device=cuda", "device='cuda' but CUDA is not available here"), ("device=gpu", "device='gpu' is not a device"),
     ("tpa_attention=flash", "tpa_attention='flash' must be 'materialise', 'recompute' or 'fused'"),
     ("float8=1", "--float8=1: float8=1 has type int, expected bool"),
+    ("sdpa_backend=fa3", "sdpa_backend='fa3' must be one of auto, cudnn, flash, efficient, fa4"),
 ])
 def test_settings_are_checked_before_anything_runs(data_dir, tmp_path, bad, message):
     if "cuda" in bad and torch.cuda.is_available():
@@ -248,6 +249,15 @@ def test_dtype_aliases(data_dir, tmp_path):
     # the config holds train.py's settings only, not names it imports (a dict imported as KERNEL_CHOICES once
     # became a --KERNEL_CHOICES setting and a column of every sweep report)
     assert all(k.islower() for k in header["config"]), [k for k in header["config"] if not k.islower()]
+
+
+def test_sdpa_backend_in_effect_is_recorded(data_dir, tmp_path):
+    """sdpa_backend names SDPA's kernel; where it cannot run (here: no CUDA device) the run warns, goes on with
+    PyTorch's choice, and header.json records the one in effect, not the one asked for."""
+    p = train(base_args(data_dir, str(tmp_path / "run"), max_iters=1, sdpa_backend="fa4"))
+    assert "sdpa_backend='fa4' is not used: no CUDA device" in p.stderr
+    header = json.load(open(tmp_path / "run" / "header.json"))
+    assert header["sdpa_backend"] == "auto" and header["config"]["sdpa_backend"] == "fa4"
 
 
 def test_tpa_attention_choice_holds_for_the_whole_run(data_dir, tmp_path):

@@ -89,3 +89,63 @@ def choice(name):
 def pdl_supported(device):
     """Programmatic dependent launch (griddepcontrol): a CUDA GPU of compute capability >= 9, unless TPA_PDL=0."""
     return device.type == "cuda" and not PDL_OFF and torch.cuda.get_device_capability(device)[0] >= 9
+
+
+SDPA_BACKENDS = ("auto", "cudnn", "flash", "efficient", "fa4")
+
+
+def select_sdpa_backend(name, device):
+    """Which kernel F.scaled_dot_product_attention runs in this process (train.py's sdpa_backend); returns the one in
+    effect. "auto": PyTorch's choice (cuDNN on Hopper: benchmarks/RESULTS.md measured it the fastest of the three);
+    "cudnn", "flash" (FlashAttention-2) or "efficient": that kernel only, with the math kernel kept for calls it
+    does not take (a mask); "fa4": flash-attn-4's kernels in FlashAttention-2's place, through PyTorch's registry
+    (torch.nn.attention.activate_flash_attention_impl), then as "flash". A choice that cannot run here (no CUDA
+    device; for fa4 a GPU other than Hopper or Blackwell, flash-attn-4 not installed, a PyTorch without the
+    registry) warns once and returns "auto". fa4 must also pass a small causal forward and backward against the
+    math kernel; if it fails after activation and PyTorch cannot restore its own kernels, the run stops."""
+    if name not in SDPA_BACKENDS:
+        raise ValueError(f"sdpa_backend={name!r}: use one of {', '.join(SDPA_BACKENDS)}")
+    if name == "auto":
+        return name
+    why = "no CUDA device" if device.type != "cuda" else _activate_fa4(device) if name == "fa4" else None
+    if why:
+        warnings.warn(f"sdpa_backend={name!r} is not used: {why}; SDPA keeps PyTorch's choice", stacklevel=2)
+        return "auto"
+    torch.backends.cuda.enable_cudnn_sdp(name == "cudnn")
+    torch.backends.cuda.enable_flash_sdp(name in ("flash", "fa4"))
+    torch.backends.cuda.enable_mem_efficient_sdp(name == "efficient")
+    return name
+
+
+def _activate_fa4(device):
+    """Activate flash-attn-4 in SDPA's flash slot and check it: None, or why it cannot be used."""
+    import torch.nn.attention as attention
+    import torch.nn.functional as F
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return "flash-attn-4 runs on compute capability 9.x (Hopper) or 10.x (Blackwell)"
+    if not hasattr(attention, "activate_flash_attention_impl"):
+        return f"torch {torch.__version__} has no flash-attention registry (activate_flash_attention_impl)"
+    try:
+        import flash_attn.cute.interface  # noqa: F401
+    except ImportError as e:
+        return f"flash-attn-4 cannot be imported ({e}); pip install flash-attn-4"
+    try:
+        attention.activate_flash_attention_impl("FA4")
+        qkv = [torch.randn(2, 3, 256, 64, device=device, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+        grads = []
+        for backend in (attention.SDPBackend.FLASH_ATTENTION, attention.SDPBackend.MATH):
+            with attention.sdpa_kernel(backend):
+                y = F.scaled_dot_product_attention(*qkv, is_causal=True)
+            grads.append([y.float()] + [g.float() for g in torch.autograd.grad(y.square().sum(), qkv)])
+        for name, got, want in zip(("output", "dq", "dk", "dv"), *grads):
+            err = ((got - want).norm() / want.norm()).item()
+            if not err < 2e-2:  # bf16 kernels differ from the math kernel by ~3e-3 here
+                raise RuntimeError(f"its {name} differs from the math kernel's by {err:.3g} (relative)")
+    except Exception as e:  # a version mismatch between PyTorch's glue and flash-attn-4 shows up here
+        why = (f"flash-attn-4 failed a check through PyTorch's registry ({type(e).__name__}: {e}; PyTorch's glue "
+               f"expects flash_attn.cute's _flash_attn_fwd to return (out, lse), as flash-attn-4 <= 4.0.0b18 does)")
+        if not hasattr(attention, "restore_flash_attention_impl"):
+            raise SystemExit(why + "; this PyTorch cannot restore its own flash kernels: run with sdpa_backend='auto'")
+        attention.restore_flash_attention_impl()
+        return why
+    return None
