@@ -22,9 +22,10 @@ variant's best grid point (the lowest mean final validation loss over `seeds`) o
 
 The budget, the same for every run: max_iters, max_tokens, max_flops (each variant trains max_flops / its
 training FLOPs per token tokens), or a training time: max_seconds, or time_of="mha:20000000" (the time the mha
-variant takes for 20M tokens). A time budget is turned into tokens per variant with its tokens/s, measured by a
-short calibration run (calibrate_iters steps) on this machine before any run trains; the measurements are kept
-in out_root/calibration.json and reused when the sweep resumes, so a run's length never changes. Every run's
+variant takes for 20M tokens). A time budget is turned into tokens per variant with its tokens/s: the median of
+finished runs with the same speed settings in calibrate_from (e.g. the LR sweep's runs), else measured by a short
+calibration run (calibrate_iters steps) on this machine before any run trains; the speeds are kept in
+out_root/calibration.json and reused when the sweep resumes, so a run's length never changes. Every run's
 cosine ends with its budget, so the report compares finished runs.
 
 Every run is checked with train.py --dry_run=True, and its data folder is read, before any trains. Each run
@@ -77,6 +78,8 @@ max_flops = 0.0  # training FLOPs: each variant trains max_flops / (its FLOPs pe
 max_seconds = 0.0  # training time (the sum of step times): seconds x the variant's calibrated tokens/s
 time_of = ""  # "VARIANT:TOKENS": a time budget equal to the time VARIANT takes for TOKENS tokens (its calibration)
 calibrate_iters = 30  # steps of each calibration run (time budgets; the first, compiled step is not timed)
+calibrate_from = ""  # a folder of finished runs (e.g. best_from's sweep): a variant's tokens/s is the median of its
+# runs' there with the same speed settings (model, batch, dtype, kernels), instead of a calibration run
 train = {}  # train.py keys for every run (data_dir, batch_size, eval_interval, warmup_iters, ...)
 out_root = "out/sweep"  # runs in out_root/<run name>, the report in out_root/report
 nproc = 1  # processes per run: 1 runs python train.py, N > 1 torchrun --standalone --nproc_per_node=N
@@ -245,12 +248,8 @@ class Run:
         return {k: v for k, v in settings.items() if k not in OPERATIONAL}
 
     def speed(self, sweep):
-        """What sets the run's tokens/s (the model, its batch, dtype, compile and device): runs that share it share
-        a calibration. Optimizer settings and the initialisation do not change the speed."""
-        c = self.config
-        model = {k: v for k, v in self.info["model"].items() if k != "tpa_init"}
-        return dict(model=model, nproc=sweep["nproc"], **{k: c[k] for k in (
-            "batch_size", "block_size", "gradient_accumulation_steps", "dtype", "compile", "device")})
+        """What sets the run's tokens/s: runs that share it share a calibration (speed_settings)."""
+        return speed_settings(self.info["model"], self.config, sweep["nproc"])
 
     def state(self, post_evals):
         """'done', 'evaluate' (trained; an evaluation is missing), 'resume' or 'scratch'."""
@@ -265,6 +264,17 @@ class Run:
         if not trained:
             return "resume" if ckpts else "scratch"
         return "evaluate" if missing_evaluations(self, post_evals) else "done"
+
+
+SPEED_KEYS = dict(batch_size=None, block_size=None, gradient_accumulation_steps=None, dtype=None, compile=None,
+                  device=None, tpa_attention="materialise", sdpa_backend="auto", float8=False)
+
+
+def speed_settings(model, config, nproc):
+    """The settings that set a run's tokens/s: the model, its batch, dtype, compile, device and kernel choices (a
+    setting older headers lack takes the value it had then). Optimizer settings and the initialisation do not."""
+    return dict(model={k: v for k, v in model.items() if k != "tpa_init"}, nproc=nproc,
+                **{k: config.get(k, default) for k, default in SPEED_KEYS.items()})
 
 
 def dry_runs(runs):
@@ -573,28 +583,62 @@ def train_and_evaluate(run, k, n_todo, sweep, post, progress, pass_fds):
 
 
 def calibrate(runs, sweep, pass_fds, measure=True):
-    """{label: tokens/s} of the runs, from out_root/calibration.json; speeds not recorded there are measured (a
-    calibrate_iters-step train.py run in out_root/calibration/<label>) and recorded, unless measure is False."""
+    """{label: tokens/s} of the runs, from out_root/calibration.json; speeds not recorded there are taken from
+    calibrate_from's runs or measured (a calibrate_iters-step train.py run in out_root/calibration/<label>), and
+    recorded; a dry run (measure False) measures and records nothing."""
     path = os.path.join(sweep["out_root"], "calibration.json")
     records = json.load(open(path)) if os.path.exists(path) else []
     rates = {}
     for run in {run.label: run for run in runs}.values():
         speed = run.speed(sweep)
         record = next((r for r in records if r["speed"] == speed), None)
+        if record is None and sweep["calibrate_from"]:
+            record = speed_from_runs(run, speed, sweep)
         if record is None and measure:
             record = measure_speed(run, speed, sweep, pass_fds)
+        if record is not None and record not in records:
             others = sorted({r["device"] for r in records} - {record["device"]})
             if others:  # a time budget compares speeds measured on one kind of machine only
-                raise SystemExit(f"{path} holds calibrations measured on {', '.join(others)}, but this machine is "
+                raise SystemExit(f"{path} holds calibrations measured on {', '.join(others)}, but this one is from "
                                  f"{record['device']}: run this sweep where those were measured, or start it anew "
                                  f"in another out_root")
             records.append(record)
-            with open(path + ".tmp", "w") as f:
-                json.dump(records, f, indent=1)
-            os.replace(path + ".tmp", path)
+            if measure:  # a dry run writes nothing
+                os.makedirs(sweep["out_root"], exist_ok=True)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(records, f, indent=1)
+                os.replace(path + ".tmp", path)
         if record is not None:
             rates[run.label] = record["tokens_per_s"]
     return rates
+
+
+def speed_from_runs(run, speed, sweep):
+    """A calibration from calibrate_from's finished runs of the same speed settings: the median of their tokens/s
+    (tokens over the sum of their step times), or None where none matches."""
+    from scripts.compare import find_runs, summarize
+    if "calibrate_runs" not in sweep:
+        try:
+            sweep["calibrate_runs"] = [summarize(r) for r in find_runs([sweep["calibrate_from"]])]
+        except ValueError as e:
+            raise SystemExit(f"calibrate_from: {e}") from None
+    found = [s for s in sweep["calibrate_runs"] if s["complete"] and s["train_time_s"] > 0 and speed_settings(
+        s["model_config"], s["config"], int(s["device"].split(" x ")[0])) == speed]
+    if not found:
+        print(f"calibrate_from: no finished run in {sweep['calibrate_from']} has {run.label}'s speed settings",
+              flush=True)
+        return None
+    devices = sorted({s["device"] for s in found})
+    if len(devices) > 1:
+        raise SystemExit(f"calibrate_from: {run.label}'s runs there ran on {', '.join(devices)}; a time budget needs "
+                         f"speeds from one kind of machine")
+    tokens_per_s = statistics.median(s["tokens_per_s"] for s in found)
+    print(f"calibrated {run.label} from {len(found)} runs in {sweep['calibrate_from']}: {tokens_per_s:,.0f} tokens/s "
+          f"on {devices[0]}", flush=True)
+    return dict(label=run.label, tokens_per_s=tokens_per_s, step_ms=run.info["tokens_per_iter"] / tokens_per_s * 1000,
+                steps=sum(s["iters"] for s in found), device=devices[0], runs=[s["name"] for s in found],
+                git_commit=sorted({s["git_commit"] for s in found}), time=time.strftime("%Y-%m-%d %H:%M:%S"),
+                speed=speed)
 
 
 def measure_speed(run, speed, sweep, pass_fds):

@@ -436,6 +436,22 @@ def test_flops_and_time_budgets(data_dir, tmp_path):
     assert len(launches(os.path.join(out, "calibration", "mha"))) == 1
     assert "Equal training time" not in open(os.path.join(out, "report", "report.md")).read()  # one budget
 
+    # calibrate_from: the speeds come from finished runs of the same settings (here the time sweep's own), with no
+    # calibration run; a run of other speed settings (another batch size) matches none and is measured
+    out2 = str(tmp_path / "time2")
+    code, stdout, _ = sweep(out2, data_dir, *args, f"--calibrate_from={out}", "--dry_run=True")
+    assert not os.path.exists(out2)  # a dry run writes nothing
+    code, stdout, _ = sweep(out2, data_dir, *args, f"--calibrate_from={out}")
+    assert "calibrating" not in stdout and not os.path.exists(os.path.join(out2, "calibration"))
+    from scripts.compare import find_runs, summarize
+    done = {s["name"]: s for s in map(summarize, find_runs([out]))}
+    for c in json.load(open(os.path.join(out2, "calibration.json"))):
+        assert c["runs"] == [f"{c['label']}_s1"] and c["device"] == "1 x cpu"
+        assert c["tokens_per_s"] == pytest.approx(done[f"{c['label']}_s1"]["tokens_per_s"])
+    code, stdout, _ = sweep(str(tmp_path / "time3"), data_dir, *args, f"--calibrate_from={out}", "--batch_size=2",
+                            "--only=mha_s1")
+    assert "no finished run in" in stdout and "calibrating mha" in stdout
+
 
 def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path, capsys):
     for variant, by_lr in {"mha": {3e-4: 5.1, 1e-3: 5.0}, "tpa": {3e-4: 4.9, 1e-3: 5.0}}.items():
