@@ -1,6 +1,5 @@
 """KV-cache generation for every mechanism: equals recomputation, caches what the paper says, samples."""
 
-import os
 import subprocess
 import sys
 
