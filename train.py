@@ -137,8 +137,8 @@ run_choices.enter_context(overrides(tpa_attention=None if tpa_attention == "mate
 atexit.register(run_choices.close)
 
 def get_lr(it):
-    """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (docs/DESIGN.md
-    sec. 5)."""
+    """Linear warmup from 0 over warmup_iters, cosine to min_lr at lr_decay_iters, then min_lr (the recipe:
+    docs/DESIGN.md, section 5)."""
     if it < warmup_iters:
         return learning_rate * it / warmup_iters
     if it >= lr_decay_iters:
@@ -542,7 +542,7 @@ def flush_stats():
     stats.clear()
 
 
-wall = dict(startup=time.time() - _t_launch, evaluation=0.0, checkpoints=0.0)  # seconds, for the summary at the end
+wall = {"startup": time.time() - _t_launch, "first step": 0.0, "evaluation": 0.0, "checkpoints": 0.0}  # seconds
 if iter_num == 0:
     val_loss = evaluate()
     print0(f"iter 0: val loss {val_loss:.4f} | val ppl {perplexity(val_loss):.2f}")
@@ -611,7 +611,7 @@ while iter_num < max_iters:
 # where this process's time went: the steps are what tokens/s counts; the rest is what a sweep pays per run
 total = time.time() - _t_launch
 print0(f"wall time {total:.1f}s: startup {wall['startup']:.1f}s (imports, data, model), first step "
-       f"{wall.get('first step', 0.0):.1f}s (compilation), other steps {total - sum(wall.values()):.1f}s, "
+       f"{wall['first step']:.1f}s (compilation), other steps {total - sum(wall.values()):.1f}s, "
        f"evaluation {wall['evaluation']:.1f}s, checkpoints {wall['checkpoints']:.1f}s")
 
 destroy_distributed(dist_info)

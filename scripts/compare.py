@@ -171,7 +171,7 @@ def summarize(run):
         final_val_loss=val[-1]["val_loss"] if val else None, best_val_loss=min(r["val_loss"] for r in val) if val else None,
         train_time_s=train_time, tokens_per_s=tokens_per_s,
         mfu=flops_per_token * tokens_per_s / (peak * world) if peak else None,
-        peak_mem_gib=max(mems) if mems else None, device=f"{world} x {h.get('device', '?')}",
+        peak_mem_gib=max(mems) if mems else None, device=f"{world} x {h.get('device', '?')}", world_size=world,
         git_commit=h.get("git_commit", "unknown"), command=f"{launcher} {shlex.join(argv)}",
         config=cfg, model_config=h["model_config"], curve=curve, train_curve=train_curve,
         final_eval=final_eval[-1] if final_eval else None, harness=harness[-1] if harness else None,

@@ -588,12 +588,14 @@ def calibrate(runs, sweep, pass_fds, measure=True):
     recorded; a dry run (measure False) measures and records nothing."""
     path = os.path.join(sweep["out_root"], "calibration.json")
     records = json.load(open(path)) if os.path.exists(path) else []
-    rates = {}
+    rates, finished = {}, None
     for run in {run.label: run for run in runs}.values():
         speed = run.speed(sweep)
         record = next((r for r in records if r["speed"] == speed), None)
         if record is None and sweep["calibrate_from"]:
-            record = speed_from_runs(run, speed, sweep)
+            if finished is None:
+                finished = finished_runs(sweep["calibrate_from"])
+            record = speed_from_runs(run, speed, finished, sweep["calibrate_from"])
         if record is None and measure:
             record = measure_speed(run, speed, sweep, pass_fds)
         if record is not None and record not in records:
@@ -613,27 +615,28 @@ def calibrate(runs, sweep, pass_fds, measure=True):
     return rates
 
 
-def speed_from_runs(run, speed, sweep):
-    """A calibration from calibrate_from's finished runs of the same speed settings: the median of their tokens/s
-    (tokens over the sum of their step times), or None where none matches."""
+def finished_runs(folder):
+    """compare.summarize of every finished run in folder (calibrate_from)."""
     from scripts.compare import find_runs, summarize
-    if "calibrate_runs" not in sweep:
-        try:
-            sweep["calibrate_runs"] = [summarize(r) for r in find_runs([sweep["calibrate_from"]])]
-        except ValueError as e:
-            raise SystemExit(f"calibrate_from: {e}") from None
-    found = [s for s in sweep["calibrate_runs"] if s["complete"] and s["train_time_s"] > 0 and speed_settings(
-        s["model_config"], s["config"], int(s["device"].split(" x ")[0])) == speed]
+    try:
+        return [s for s in map(summarize, find_runs([folder])) if s["complete"] and s["train_time_s"] > 0]
+    except ValueError as e:
+        raise SystemExit(f"calibrate_from: {e}") from None
+
+
+def speed_from_runs(run, speed, finished, folder):
+    """A calibration from finished runs (of folder) with the same speed settings: the median of their tokens/s
+    (tokens over the sum of their step times), or None where none matches."""
+    found = [s for s in finished if speed_settings(s["model_config"], s["config"], s["world_size"]) == speed]
     if not found:
-        print(f"calibrate_from: no finished run in {sweep['calibrate_from']} has {run.label}'s speed settings",
-              flush=True)
+        print(f"calibrate_from: no finished run in {folder} has {run.label}'s speed settings", flush=True)
         return None
     devices = sorted({s["device"] for s in found})
     if len(devices) > 1:
         raise SystemExit(f"calibrate_from: {run.label}'s runs there ran on {', '.join(devices)}; a time budget needs "
                          f"speeds from one kind of machine")
     tokens_per_s = statistics.median(s["tokens_per_s"] for s in found)
-    print(f"calibrated {run.label} from {len(found)} runs in {sweep['calibrate_from']}: {tokens_per_s:,.0f} tokens/s "
+    print(f"calibrated {run.label} from {len(found)} runs in {folder}: {tokens_per_s:,.0f} tokens/s "
           f"on {devices[0]}", flush=True)
     return dict(label=run.label, tokens_per_s=tokens_per_s, step_ms=run.info["tokens_per_iter"] / tokens_per_s * 1000,
                 steps=sum(s["iters"] for s in found), device=devices[0], runs=[s["name"] for s in found],
