@@ -8,6 +8,7 @@ distributed init and teardown, print0, and the GPU peak table MFU is measured ag
 """
 
 import os
+import platform
 import re
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -106,6 +107,11 @@ PEAK_FLOPS = [(("GH200",), 989e12, 494e12), (("H200",), 989e12, 494e12), (("H100
               (("L40S",), 362e12, 183e12), (("L40",), 181e12, 90.5e12), (("L4",), 121e12, 60e12),
               (("4090",), 165e12, 83e12), (("3090",), 71e12, 36e12), (("V100",), 125e12, 15.7e12),
               (("T4",), 65e12, 8e12)]
+
+
+def describe_device(device, device_type):
+    """The device's name as run headers record it: the GPU's name, or the CPU's (platform.processor)."""
+    return torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or device_type
 
 
 def peak_flops(device_name, dtype="bfloat16"):

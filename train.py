@@ -42,7 +42,8 @@ from configurator import configure
 from data.loader import TrainLoader, ValSet
 from data.shards import TokenIdError
 from eval.val_loss import evaluate as evaluate_val
-from common import check_dtype, destroy_distributed, init_distributed, peak_flops, print0, resolve_device, resolve_dtype
+from common import (check_dtype, describe_device, destroy_distributed, init_distributed, peak_flops, print0,
+                    resolve_device, resolve_dtype)
 from model import GPT, GPTConfig, model_config
 from tpa_kernels.dispatch import DEFAULTS as _KERNEL_DEFAULTS, SDPA_BACKENDS as _SDPA_BACKENDS  # "_": not settings
 from tpa_kernels.dispatch import choice, overrides, select_sdpa_backend
@@ -369,7 +370,7 @@ if ddp:
 
 # -- logging -----------------------------------------------------------------------------------------------
 flops_per_token = raw_model.flops_per_token(block_size)
-device_name = torch.cuda.get_device_name(device) if device_type == "cuda" else platform.processor() or device_type
+device_name = describe_device(device, device_type)
 peak = peak_flops(device_name, dtype) if device_type == "cuda" else None
 metrics_path = os.path.join(out_dir, "metrics.jsonl")
 tokenizer = data_meta.get("tokenizer", "gpt2")

@@ -582,20 +582,21 @@ def train_and_evaluate(run, k, n_todo, sweep, post, progress, pass_fds):
     return all([evaluate(run, kind, sweep, prefix, pass_fds) for kind in missing_evaluations(run, post)])
 
 
-def calibrate(runs, sweep, pass_fds, measure=True):
-    """{label: tokens/s} of the runs, from out_root/calibration.json; speeds not recorded there are taken from
-    calibrate_from's runs or measured (a calibrate_iters-step train.py run in out_root/calibration/<label>), and
-    recorded; a dry run (measure False) measures and records nothing."""
+def calibrate(runs, sweep, pass_fds, here, measure=True):
+    """{label: calibration record (tokens_per_s, device, ...)} of the runs, from out_root/calibration.json; speeds not
+    recorded there are taken from calibrate_from's runs on this machine (here) or measured (a calibrate_iters-step
+    train.py run in out_root/calibration/<label>), and recorded; a dry run (measure False) measures and records
+    nothing, and plans with calibrate_from's runs from any machine (say, on a laptop for a GPU sweep)."""
     path = os.path.join(sweep["out_root"], "calibration.json")
     records = json.load(open(path)) if os.path.exists(path) else []
-    rates, finished = {}, None
+    found, finished = {}, None
     for run in {run.label: run for run in runs}.values():
         speed = run.speed(sweep)
         record = next((r for r in records if r["speed"] == speed), None)
         if record is None and sweep["calibrate_from"]:
             if finished is None:
                 finished = finished_runs(sweep["calibrate_from"])
-            record = speed_from_runs(run, speed, finished, sweep["calibrate_from"])
+            record = speed_from_runs(run, speed, finished, sweep["calibrate_from"], None if not measure else here)
         if record is None and measure:
             record = measure_speed(run, speed, sweep, pass_fds)
         if record is not None and record not in records:
@@ -611,8 +612,15 @@ def calibrate(runs, sweep, pass_fds, measure=True):
                     json.dump(records, f, indent=1)
                 os.replace(path + ".tmp", path)
         if record is not None:
-            rates[run.label] = record["tokens_per_s"]
-    return rates
+            found[run.label] = record
+    return found
+
+
+def this_machine(runs, sweep):
+    """This machine as compare names a run's device ("1 x NVIDIA H100 80GB HBM3"): the machine a time budget's
+    speeds must come from, since its runs' lengths are their time here."""
+    from common import describe_device, resolve_device
+    return f"{sweep['nproc']} x {describe_device(*resolve_device(runs[0].config['device']))}"
 
 
 def finished_runs(folder):
@@ -624,12 +632,15 @@ def finished_runs(folder):
         raise SystemExit(f"calibrate_from: {e}") from None
 
 
-def speed_from_runs(run, speed, finished, folder):
-    """A calibration from finished runs (of folder) with the same speed settings: the median of their tokens/s
-    (tokens over the sum of their step times), or None where none matches."""
+def speed_from_runs(run, speed, finished, folder, machine=None):
+    """A calibration from finished runs (of folder) with the same speed settings, on machine where given: the median
+    of their tokens/s (tokens over the sum of their step times), or None where none matches."""
     found = [s for s in finished if speed_settings(s["model_config"], s["config"], s["world_size"]) == speed]
+    elsewhere = sorted({s["device"] for s in found if machine and s["device"] != machine})
+    found = [s for s in found if not machine or s["device"] == machine]
     if not found:
-        print(f"calibrate_from: no finished run in {folder} has {run.label}'s speed settings", flush=True)
+        print(f"calibrate_from: no finished run in {folder} has {run.label}'s speed settings"
+              + (f" on this machine ({machine}; some ran on {', '.join(elsewhere)})" if elsewhere else ""), flush=True)
         return None
     devices = sorted({s["device"] for s in found})
     if len(devices) > 1:
@@ -700,9 +711,11 @@ def best_point_runs(sweep, runs):
 def prepare(runs, sweep, post, pass_fds, dry_run):
     """Budgets (calibrating a time budget's speeds unless dry_run), then each run's state; refuse run folders made
     with other settings."""
-    calibration = None
+    calibration, records, here = None, {}, None
     if sweep["max_seconds"] or sweep["time_of"]:
-        calibration = calibrate(runs, sweep, pass_fds, measure=not dry_run)
+        here = this_machine(runs, sweep)
+        records = calibrate(runs, sweep, pass_fds, here, measure=not dry_run)
+        calibration = {label: r["tokens_per_s"] for label, r in records.items()}
     set_budget(runs, sweep, calibration)
     conflicts = []
     for run in runs:
@@ -721,6 +734,16 @@ def prepare(runs, sweep, post, pass_fds, dry_run):
     if conflicts:
         sys.exit("these run folders were made with other settings; use another out_root, or delete them:\n"
                  + "\n".join(conflicts))
+    # a time budget's run lengths are its speeds' machine's seconds: elsewhere they would not take equal time
+    elsewhere = sorted({records[r.label]["device"] for r in runs if r.label in records
+                        and r.status in ("scratch", "resume") and records[r.label]["device"] != here})
+    if elsewhere:
+        why = (f"this time budget's speeds were measured on {', '.join(elsewhere)}, but this machine is {here}, where "
+               f"the runs would not take the budget's time")
+        if not dry_run:
+            sys.exit(f"{why}: run the sweep on that kind of machine, or start it anew in another out_root (its "
+                     f"speeds are then measured here)")
+        print(f"note: {why}; a real run here would measure this machine's speeds", flush=True)
 
 
 def describe(runs, sweep):

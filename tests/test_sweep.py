@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np
@@ -451,6 +452,27 @@ def test_flops_and_time_budgets(data_dir, tmp_path):
     code, stdout, _ = sweep(str(tmp_path / "time3"), data_dir, *args, f"--calibrate_from={out}", "--batch_size=2",
                             "--only=mha_s1")
     assert "no finished run in" in stdout and "calibrating mha" in stdout
+
+    # a time budget's speeds are its machine's: runs from another kind of machine are planned with (dry run) but
+    # not trained with, and a calibration.json from elsewhere refuses to train where its lengths mean other times
+    h100 = str(tmp_path / "h100")
+    shutil.copytree(out, h100)
+    for v in ("mha", "tpa"):
+        path = os.path.join(h100, f"{v}_s1", "header.json")
+        json.dump(dict(json.load(open(path)), device="NVIDIA H100 80GB HBM3"), open(path, "w"))
+    finished = sweep_script.finished_runs(h100)
+    run = SimpleNamespace(label="mha", info=dict(tokens_per_iter=128))
+    speed = next(sweep_script.speed_settings(s["model_config"], s["config"], 1) for s in finished if s["name"] == "mha_s1")
+    assert sweep_script.speed_from_runs(run, speed, finished, h100)["device"] == "1 x NVIDIA H100 80GB HBM3"
+    assert sweep_script.speed_from_runs(run, speed, finished, h100, "1 x cpu") is None
+    out5 = str(tmp_path / "time5")
+    os.makedirs(out5)
+    json.dump([dict(c, device="1 x NVIDIA H100 80GB HBM3") for c in calibration], open(os.path.join(out5, "calibration.json"), "w"))
+    code, stdout, _ = sweep(out5, data_dir, *args, "--dry_run=True")
+    assert "note: this time budget's speeds were measured on 1 x NVIDIA H100 80GB HBM3, but this machine is 1 x cpu" in stdout
+    code, _, err = sweep(out5, data_dir, *args, check=False)
+    assert code == 1 and "run the sweep on that kind of machine" in err
+    assert not [f for f in os.listdir(out5) if os.path.isdir(os.path.join(out5, f))]  # nothing trained
 
 
 def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path, capsys):
