@@ -26,7 +26,9 @@ variant takes for 20M tokens). A time budget is turned into tokens per variant w
 finished runs with the same speed settings in calibrate_from (e.g. the LR sweep's runs), else measured by a short
 calibration run (calibrate_iters steps) on this machine before any run trains; the speeds are kept in
 out_root/calibration.json and reused when the sweep resumes, so a run's length never changes. Every run's
-cosine ends with its budget, so the report compares finished runs.
+cosine ends with its budget, so the report compares finished runs. With reuse_from, a run that another sweep
+has already trained with the same settings (the reference variant of a time budget set by its own tokens, say)
+is copied from there, its header naming the source, instead of trained again.
 
 Every run is checked with train.py --dry_run=True, and its data folder is read, before any trains. Each run
 trains with train.py in out_root/<name>; then optional evaluations (eval.val_loss on final_eval_tokens,
@@ -80,6 +82,8 @@ time_of = ""  # "VARIANT:TOKENS": a time budget equal to the time VARIANT takes 
 calibrate_iters = 30  # steps of each calibration run (time budgets; the first, compiled step is not timed)
 calibrate_from = ""  # a folder of finished runs (e.g. best_from's sweep): a variant's tokens/s is the median of its
 # runs' there with the same speed settings (model, batch, dtype, kernels), instead of a calibration run
+reuse_from = ""  # a folder of finished runs (e.g. best_from's sweep): a run with the same settings there (its budget's
+# name aside: 611 steps are 611 steps whether a token or a time budget set them) is copied, not trained again
 train = {}  # train.py keys for every run (data_dir, batch_size, eval_interval, warmup_iters, ...)
 out_root = "out/sweep"  # runs in out_root/<run name>, the report in out_root/report
 nproc = 1  # processes per run: 1 runs python train.py, N > 1 torchrun --standalone --nproc_per_node=N
@@ -232,6 +236,7 @@ class Run:
         self.max_iters = None
         self.budget = None  # the budget's label, the same for every run of the sweep
         self.status = "pending"
+        self.source = None  # reuse_from's run with the same settings, if any
 
     def train_args(self, init_from):
         extra = [arg("max_iters", self.max_iters), arg("budget", self.budget)]
@@ -266,8 +271,10 @@ class Run:
         return "evaluate" if missing_evaluations(self, post_evals) else "done"
 
 
+ADDED_LATER = dict(tpa_attention="materialise", sdpa_backend="auto", float8=False)  # train.py keys newer than some
+# committed runs, with the value those runs had
 SPEED_KEYS = dict(batch_size=None, block_size=None, gradient_accumulation_steps=None, dtype=None, compile=None,
-                  device=None, tpa_attention="materialise", sdpa_backend="auto", float8=False)
+                  device=None, **ADDED_LATER)
 
 
 def speed_settings(model, config, nproc):
@@ -724,13 +731,12 @@ def prepare(runs, sweep, post, pass_fds, dry_run):
             run.status = "calibrate"  # a dry run before the calibration
             continue
         if os.path.exists(header):
-            then = {k: v for k, v in json.load(open(header))["config"].items() if k not in OPERATIONAL}
-            now = run.spec()
-            # a key the header lacks came with a newer train.py: not a different setting
-            diff = {k: (then.get(k), now.get(k)) for k in sorted(then) if then.get(k) != now.get(k)}
+            diff = setting_changes(json.load(open(header))["config"], run.spec())
             if diff:
                 conflicts.append(f"  {run.out_dir}: {{setting: (then, now)}} {diff}")
         run.status = run.state(post)
+    if sweep["reuse_from"]:
+        reuse(runs, sweep, dry_run)
     if conflicts:
         sys.exit("these run folders were made with other settings; use another out_root, or delete them:\n"
                  + "\n".join(conflicts))
@@ -746,11 +752,59 @@ def prepare(runs, sweep, post, pass_fds, dry_run):
         print(f"note: {why}; a real run here would measure this machine's speeds", flush=True)
 
 
+def setting_changes(then, now):
+    """{key: (then, now)} for the settings a run folder's header config (then) and a run's spec (now) differ in. A
+    key the header lacks came with a newer train.py, and one train.py no longer has is no setting now: neither is
+    a difference here."""
+    return {k: (then[k], now[k]) for k in sorted(then) if k in now and k not in OPERATIONAL and then[k] != now[k]}
+
+
+def same_run(then, now):
+    """Whether a finished run's config (then) trained what a run's spec (now) asks for, but for its budget's name.
+    Strict where setting_changes is lenient: a key the header lacks must have the value runs had before train.py
+    had it (ADDED_LATER)."""
+    return not setting_changes(dict(then, budget=now["budget"]), now) and all(
+        k in ADDED_LATER and now[k] == ADDED_LATER[k] for k in now if k not in then)
+
+
+def reuse(runs, sweep, dry_run):
+    """reuse_from: each run not started here whose settings (but its budget's name) equal a finished run's there is
+    copied from it (not its checkpoints) and done; its header records where it came from."""
+    from scripts.compare import find_runs, summarize
+    try:
+        finished = [s for s in map(summarize, find_runs([sweep["reuse_from"]])) if s["complete"]]
+    except ValueError as e:
+        raise SystemExit(f"reuse_from: {e}") from None
+    for run in runs:
+        if run.status != "scratch" or os.path.exists(run.out_dir):
+            continue
+        source = next((s for s in finished if same_run(s["config"], run.spec())), None)
+        if source is None:
+            continue
+        run.source = source["path"]
+        if dry_run:
+            continue
+        tmp = run.out_dir + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(run.source, tmp, ignore=shutil.ignore_patterns("*.pt", "*.tmp", ".sweep.lock"))
+        path = os.path.join(tmp, "header.json")
+        header = json.load(open(path))
+        header["config"]["budget"] = run.budget  # this sweep's name for the same budget
+        header["reused_from"] = dict(path=run.source, budget=source["config"].get("budget"))
+        with open(path, "w") as f:
+            json.dump(header, f, indent=1)
+        os.replace(tmp, run.out_dir)  # whole or not at all
+        run.status = "done"
+        print(f"{run.name}: copied from {run.source} (trained there with the same settings)", flush=True)
+
+
 def describe(runs, sweep):
     for run in runs:
         c = run.config
         state = {"resume": f"resume from iteration {run.start_iter}", "scratch": "train", "evaluate": "evaluate",
                  "done": "done", "calibrate": "train (its length comes from the calibration)"}[run.status]
+        if run.source and run.status == "scratch":  # a dry run: reuse_from's run
+            state = f"copy {run.source}"
         if run.max_iters is None:
             print(f"  {run.name:32s} {'?':>8} iterations {'?':>10} tokens   {state}")
             continue

@@ -378,6 +378,20 @@ def test_a_setting_added_to_train_py_later_does_not_split_old_runs_from_new(tmp_
     assert groups["mha"]["best_point"] == "float8=False"  # recorded, and different: an axis
 
 
+def test_a_run_folder_from_an_older_train_py_still_resumes_and_is_reused():
+    """A key only a run's header has (train.py no longer has it, e.g. an imported name it once took for a setting)
+    is no difference; one only the new config has is none for a resume, and for reuse_from only at the value runs
+    had before train.py had it."""
+    then = dict(KERNEL_CHOICES={"flashtpa": None}, learning_rate=1e-3, out_dir="a", max_iters=10)
+    assert sweep_script.setting_changes(then, dict(learning_rate=1e-3, out_dir="b", max_iters=10, float8=True)) == {}
+    assert sweep_script.setting_changes(then, dict(learning_rate=6e-4, max_iters=10)) == {"learning_rate": (1e-3, 6e-4)}
+    now = dict(learning_rate=1e-3, max_iters=10, budget="seconds=5", float8=False)
+    assert sweep_script.same_run(dict(then, budget="tokens=5"), now)
+    assert not sweep_script.same_run(then, dict(now, float8=True))  # the run before float8 existed ran without it
+    assert not sweep_script.same_run(then, dict(now, new_key=1))  # unknown: not the same run
+    assert not sweep_script.same_run(then, dict(now, max_iters=11))
+
+
 def test_tiny_preset_with_a_two_point_lr_grid_end_to_end(data_dir, tmp_path):
     """A learning-rate grid with a further seed at the best point: the grid runs, then the best point's seed, then
     the report's grid table and LR plot; a rerun trains nothing."""
@@ -473,6 +487,21 @@ def test_flops_and_time_budgets(data_dir, tmp_path):
     code, _, err = sweep(out5, data_dir, *args, check=False)
     assert code == 1 and "run the sweep on that kind of machine" in err
     assert not [f for f in os.listdir(out5) if os.path.isdir(os.path.join(out5, f))]  # nothing trained
+
+    # reuse_from: mha's 20 iterations of the time budget are the 20 iterations a 2560-token budget gives it: copied
+    # (not its checkpoints), its header naming the source and this sweep's budget; other settings are trained
+    out6, tokens = str(tmp_path / "tokens"), ["--max_iters=0", "--max_tokens=2560", "--seeds=[1]", f"--reuse_from={out}"]
+    code, stdout, _ = sweep(out6, data_dir, *tokens, "--only=mha_s1", "--dry_run=True")
+    assert f"copy {os.path.join(out, 'mha_s1')}" in stdout and not os.path.exists(out6)
+    code, stdout, _ = sweep(out6, data_dir, *tokens, "--only=mha_s1", "--learning_rate=1e-3", "--dry_run=True")
+    assert "copy" not in stdout
+    code, stdout, _ = sweep(out6, data_dir, *tokens, "--only=mha_s1")
+    assert "copied from" in stdout
+    header = json.load(open(os.path.join(out6, "mha_s1", "header.json")))
+    assert header["config"]["budget"] == "tokens=2560" and header["reused_from"] == dict(
+        path=os.path.join(out, "mha_s1"), budget=f"seconds={seconds:.6g}")
+    assert open(os.path.join(out6, "mha_s1", "metrics.jsonl")).read() == open(os.path.join(out, "mha_s1", "metrics.jsonl")).read()
+    assert not [f for f in os.listdir(os.path.join(out6, "mha_s1")) if f.endswith(".pt")]
 
 
 def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path, capsys):

@@ -10,6 +10,7 @@ exec(open("config/sweeps/wiki_lr.py").read())  # the same recipe and data
 variants = [dict(name=a, attn=a) for a in ("mha", "mqa", "gqa", "mla", "tpa_kvonly", "tpa")]  # not the two T6 controls
 best_from = "out/sweep_wiki_lr"
 calibrate_from = best_from  # each variant's tokens/s from its finished runs there (same GPU kind), no calibration runs
+reuse_from = best_from  # MHA's runs there are its runs here (the same 611 steps): copied, not trained again
 grid = {}
 best_seeds = []
 seeds = [1337, 1338]
