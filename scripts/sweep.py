@@ -71,7 +71,8 @@ seeds = [1337]  # every variant runs once per seed (model init and data order)
 grid = {}  # {train.py key: [values]}: every variant runs every combination (a variant's own 'grid' replaces it)
 min_lr_ratio = 0.1  # on a learning_rate axis, min_lr = learning_rate x this (unless min_lr is set otherwise)
 best_seeds = []  # further seeds, run at each variant's best grid point once its grid (over `seeds`) has finished
-best_from = ""  # another sweep's out_root: each variant runs at its best grid point there (replacing its grid);
+best_from = ""  # another sweep's out_root: each variant runs at its best grid point there (replacing its grid), once
+# its grid there has finished (that sweep's plan.json lists it);
 # a variant with best_of="tpa" takes tpa's point there (e.g. dict(name="tpa_float8", best_of="tpa", float8=True))
 # the budget, one of:
 max_iters = 0  # optimizer steps
@@ -392,10 +393,13 @@ def take_best_points(sweep):
         found = [summarize(r) for r in find_runs([sweep["best_from"]])]
     except ValueError as e:
         raise ValueError(f"best_from: {e}") from None
+    plan_path = os.path.join(sweep["best_from"], PLAN)
+    plan = json.load(open(plan_path)) if os.path.exists(plan_path) else {}  # sweeps before plan.json: none
     for v in sweep["variants"]:
         source = v.get("best_of", v["name"])
         runs = [s for s in found if s["variant"] == source]
         unfinished = [s["name"] for s in runs if not s["complete"]]
+        unfinished += sorted(set(plan.get(source, [])) - {s["name"] for s in runs})  # planned there, not started
         if not runs or unfinished:
             raise ValueError(f"best_from={sweep['best_from']!r}: variant {source!r} has "
                              + (f"unfinished runs there ({', '.join(unfinished)})" if runs else "no runs there")
@@ -532,6 +536,23 @@ def evaluate(run, kind, sweep, prefix, pass_fds):
         record = dict(iter=run.max_iters, harness=out["rows"], harness_tasks=out["tasks"], harness_limit=out["limit"])
     append_metrics(run.out_dir, record)
     return True
+
+
+PLAN = "plan.json"  # in out_root: {variant: the names of its grid's runs}, for a later sweep's best_from
+
+
+def write_plan(runs, sweep):
+    """Record each variant's grid runs in out_root/plan.json (other variants' entries, from a sweep run with
+    --variants narrowed, stay), so that best_from can tell a finished grid from one that has not started a point."""
+    path = os.path.join(sweep["out_root"], PLAN)
+    plan = json.load(open(path)) if os.path.exists(path) else {}
+    for run in runs:
+        plan[run.variant] = []
+    for run in runs:
+        plan[run.variant].append(run.name)
+    with open(path + ".tmp", "w") as f:
+        json.dump(plan, f, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def lock(out_root):
@@ -870,6 +891,7 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd):
             print(f"  then seeds {sweep['best_seeds']} at each variant's best grid point, once its grid has finished")
         if sweep["dry_run"]:
             return 0
+        write_plan(runs, sweep)
         train_all([r for r in selected if r.status != "done"])
         if sweep["best_seeds"]:
             best_runs, waiting = best_point_runs(sweep, runs)

@@ -401,7 +401,11 @@ def test_tiny_preset_with_a_two_point_lr_grid_end_to_end(data_dir, tmp_path):
     code, stdout, _ = sweep(out, data_dir, *args)
     finals = {lr: records(os.path.join(out, f"tpa_lr{lr}_s1"), "val_loss")[-1]["val_loss"] for lr in ("1e-3", "3e-3")}
     best = min(finals, key=finals.get)
-    assert set(os.listdir(out)) == {".sweep.lock", "report", f"tpa_lr{best}_s2", "tpa_lr1e-3_s1", "tpa_lr3e-3_s1"}
+    assert set(os.listdir(out)) == {".sweep.lock", "plan.json", "report", f"tpa_lr{best}_s2", "tpa_lr1e-3_s1",
+                                    "tpa_lr3e-3_s1"}
+    # the whole grid (not only what --only ran), for a later sweep's best_from
+    assert json.load(open(os.path.join(out, "plan.json"))) == {v: [f"{v}_lr1e-3_s1", f"{v}_lr3e-3_s1"]
+                                                               for v in ("mha", "tpa")}
     assert f"at each variant's best grid point: 1 runs\n  tpa_lr{best}_s2" in stdout
     header = json.load(open(os.path.join(out, f"tpa_lr{best}_s2", "header.json")))["config"]
     assert header["seed"] == 2 and header["min_lr"] == pytest.approx(header["learning_rate"] * 0.1)
@@ -518,6 +522,12 @@ def test_best_from_runs_each_variant_at_its_best_point_of_another_sweep(tmp_path
     with pytest.raises(ValueError, match="variant 'gqa' has no runs there"):
         sweep_script.parse_args(["config/sweeps/tiny_cpu.py", f"--best_from={tmp_path / 'lr'}",
                                  "--variants=[{'name': 'gqa', 'attn': 'gqa'}]"])
+    # a grid point the other sweep planned (its plan.json) but has not started is unfinished too
+    json.dump({"mha": ["mha_lr0.0003_s1", "mha_lr0.001_s1", "mha_lr0.003_s1"]}, open(tmp_path / "lr" / "plan.json", "w"))
+    with pytest.raises(ValueError, match=r"variant 'mha' has unfinished runs there \(mha_lr0.003_s1\)"):
+        sweep_script.parse_args(["config/sweeps/tiny_cpu.py", f"--best_from={tmp_path / 'lr'}",
+                                 "--variants=[{'name': 'mha', 'attn': 'mha'}]"])
+    os.remove(tmp_path / "lr" / "plan.json")
     # best_of: a new variant (here T6 with float8) at another variant's best point, named for itself
     shutil.rmtree(tmp_path / "lr" / "tpa_lr0.003_s1")
     sw = sweep_script.parse_args(["config/sweeps/tiny_cpu.py", "--max_iters=4", f"--best_from={tmp_path / 'lr'}",
