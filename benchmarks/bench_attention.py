@@ -38,12 +38,12 @@ TILES = [dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2), dict(BLOCK_M=1
 
 
 def flash_attn_4():
-    """flash-attn-4's attention (q, k, v (B, T, H, D)) or None where it is not installed."""
+    """(flash-attn-4's attention (q, k, v (B, T, H, D)), None), or (None, why it cannot be imported)."""
     try:
         from flash_attn.cute import flash_attn_func
-    except ImportError:
-        return None
-    return flash_attn_func
+    except ImportError as e:  # one of its wheels missing (e.g. nvidia-cutlass-dsl-libs-core: no cutlass.cute)
+        return None, f"{type(e).__name__}: {e}"
+    return flash_attn_func, None
 
 
 def timed(fn, grads):
@@ -82,16 +82,16 @@ def main():
     name = torch.cuda.get_device_name()
     flex = torch.compile(flex_attention)
     causal = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, T, T)
-    fa4 = flash_attn_4()
+    fa4, why = flash_attn_4()
     print(f"{name}, torch {torch.__version__}, bf16, B={B} T={T} D={D}, causal; flash-attn-4: "
-          + ("installed" if fa4 else "not installed"), flush=True)
+          + ("installed" if fa4 else f"not used ({why})"), flush=True)
     rows = []
 
     def record(**row):
         rows.append(dict(device=name, B=B, T=T, D=D, **row))
         print(json.dumps(rows[-1]), flush=True)
 
-    for H in [int(h) for h in args.heads.split(",")]:
+    for H in [int(h) for h in args.heads.split(",") if h]:
         q, k, v = (torch.randn(B, H, T, D, device=dev, dtype=bf16, requires_grad=True) for _ in range(3))
         flops = 4 * B * H * T * T * D / 2  # forward; the backward is 2.5x
         kernels = {n: (lambda b=b: sdpa(q, k, v, b)) for n, b in BACKENDS.items()}
@@ -108,7 +108,7 @@ def main():
             record(part="plain", heads=H, kernel=kname, fwd_ms=tf, fwd_bwd_ms=tb, fwd_tflops=flops / tf / 1e9,
                    fwd_bwd_tflops=3.5 * flops / tb / 1e9)
 
-    for H in [int(h) for h in args.t6_heads.split(",")]:
+    for H in [int(h) for h in args.t6_heads.split(",") if h]:  # --t6_heads= : none
         g = torch.Generator(device=dev).manual_seed(0)
         fs = []
         for R in (6, 2, 2):
