@@ -101,11 +101,13 @@ def find_runs(paths):
             raise ValueError(f"{path} {what}")
         runs.extend(load_run(p) for p in inner)
     names = [r["name"] for r in runs]
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:  # two folders of the same name from different places: name them by their parent too
-        for r in runs:
-            if r["name"] in dup:
-                r["name"] = os.path.join(os.path.basename(os.path.dirname(os.path.normpath(r["path"]))), r["name"])
+    dup = [r for r in runs if names.count(r["name"]) > 1]
+    for depth in range(2, 64):  # folders of the same name from different places: name them by as many parents
+        if len({r["name"] for r in dup}) == len(dup):  # as tell them apart (sweep_wiki_lr/runs/mha_s1337, ...)
+            break
+        for r in dup:
+            parts = os.path.normpath(os.path.abspath(r["path"])).split(os.sep)
+            r["name"] = "/".join(parts[-depth:])
     return runs
 
 

@@ -378,6 +378,16 @@ def test_a_setting_added_to_train_py_later_does_not_split_old_runs_from_new(tmp_
     assert groups["mha"]["best_point"] == "float8=False"  # recorded, and different: an axis
 
 
+def test_runs_of_the_same_name_from_several_sweeps_are_told_apart(tmp_path):
+    """Each sweep keeps its runs in <sweep>/runs, so a report over two sweeps names a run by as many parent
+    folders as tell it apart from its namesake."""
+    for sweep_dir, budget in (("sweep_lr", "tokens=1000"), ("sweep_time", "seconds=5")):
+        fake_run(tmp_path / sweep_dir / "runs", "mha_s1", "mha", 1, 1e-3, 5.0, budget=budget)
+    fake_run(tmp_path / "sweep_time" / "runs", "tpa_s1", "tpa", 1, 1e-3, 4.9, budget="seconds=5")
+    runs = compare.find_runs([str(tmp_path / "sweep_lr" / "runs"), str(tmp_path / "sweep_time" / "runs")])
+    assert [r["name"] for r in runs] == ["sweep_lr/runs/mha_s1", "sweep_time/runs/mha_s1", "tpa_s1"]
+
+
 def test_a_run_folder_from_an_older_train_py_still_resumes_and_is_reused():
     """A key only a run's header has (train.py no longer has it, e.g. an imported name it once took for a setting)
     is no difference; one only the new config has is none for a resume, and for reuse_from only at the value runs
