@@ -553,6 +553,7 @@ def budget_section(summaries, group_by, reference, out, suffix, h):
     means = {g: mean_std([compared(s) for s in runs])[0] for g, runs in chosen.items()}
     ranked = sorted((m, g) for g, m in means.items() if m is not None)
     leader = ranked[0][1] if ranked else None
+    headline = None
     if leader and len(ranked) > 1:
         against = [(reference, diffs.get(leader))] if leader != reference and ref else []
         runner = ranked[1][1]
@@ -560,9 +561,10 @@ def budget_section(summaries, group_by, reference, out, suffix, h):
             a = {s["seed"]: compared(s) for s in chosen[leader] if compared(s) is not None}
             b = {s["seed"]: compared(s) for s in chosen[runner] if compared(s) is not None}
             against.append((runner + " (second)", difference_stats(a, b)))
-        lines += [f"**{leader} leads** on {compared_label}" + (" (each group at its best grid point)" if gridded
-                                                               else "") + ": "
-                  + "; ".join(f"{leader} − {name}: {fmt_difference(d)}" for name, d in against) + ".", ""]
+        headline = (f"**{leader} leads** on {compared_label}" + (" (each group at its best grid point)" if gridded
+                                                                 else "") + ": "
+                    + "; ".join(f"{leader} − {name}: {fmt_difference(d)}" for name, d in against) + ".")
+        lines += [headline, ""]
 
     head = ["variant", "runs (seeds)"] + (["best point"] if gridded else []) + [
         "params", "attn params / layer", "KV cache / token (bf16)", "tokens", "final val loss", "best val loss",
@@ -741,6 +743,7 @@ def budget_section(summaries, group_by, reference, out, suffix, h):
         plot(chosen, os.path.join(out, file + suffix + ".png"), key, x, xlabel, scale, title)
         lines += [f"![{title}]({file}{suffix}.png)", ""]
     return lines, dict(budget=budget, title=budget_title(budget), compared=compared_label, leader=leader,
+                       headline=headline,
                        groups=table, lr_optimum=fits, efficiency=efficiency)
 
 
@@ -762,6 +765,7 @@ def write_report(runs, out, group_by="variant", reference="mha"):
     several = len(budgets) > 1
     if several:
         lines += ["Budgets: " + "; ".join(f"{budget_title(b)}, {len(v)} runs" for b, v in budgets.items()), ""]
+        leaders_at = len(lines)
     for budget, members in budgets.items():
         suffix = "_" + re.sub(r"[^A-Za-z0-9]+", "-", budget.partition("=")[0] or "as-given") if several else ""
         if several:
@@ -769,6 +773,8 @@ def write_report(runs, out, group_by="variant", reference="mha"):
         section, summary = budget_section(members, group_by, reference, out, suffix, "##" if several else "#")
         lines += section
         sections.append(summary)
+    if several:  # who leads at each budget, up front (each section has the details)
+        lines[leaders_at:leaders_at] = [f"- {x['title']}: {x['headline'] or 'no comparison'}" for x in sections] + [""]
 
     lines += ["## Runs", "", "| run | variant | budget | seed | iterations | final val loss | spikes | train time | "
               "device | commit |", "|---|---|---|---|---|---|---|---|---|---|"]

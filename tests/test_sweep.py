@@ -380,12 +380,17 @@ def test_a_setting_added_to_train_py_later_does_not_split_old_runs_from_new(tmp_
 
 def test_runs_of_the_same_name_from_several_sweeps_are_told_apart(tmp_path):
     """Each sweep keeps its runs in <sweep>/runs, so a report over two sweeps names a run by as many parent
-    folders as tell it apart from its namesake."""
+    folders as tell it apart from its namesake; the report says up front who leads at each budget."""
     for sweep_dir, budget in (("sweep_lr", "tokens=1000"), ("sweep_time", "seconds=5")):
         fake_run(tmp_path / sweep_dir / "runs", "mha_s1", "mha", 1, 1e-3, 5.0, budget=budget)
     fake_run(tmp_path / "sweep_time" / "runs", "tpa_s1", "tpa", 1, 1e-3, 4.9, budget="seconds=5")
     runs = compare.find_runs([str(tmp_path / "sweep_lr" / "runs"), str(tmp_path / "sweep_time" / "runs")])
     assert [r["name"] for r in runs] == ["sweep_lr/runs/mha_s1", "sweep_time/runs/mha_s1", "tpa_s1"]
+    fake_run(tmp_path / "sweep_lr" / "runs", "tpa_s1", "tpa", 1, 1e-3, 5.1, budget="tokens=1000")
+    text = compare.write_report(compare.find_runs([str(tmp_path / "sweep_lr" / "runs"), str(tmp_path / "sweep_time" / "runs")]),
+                                str(tmp_path / "report"))
+    # who leads at each budget, up front
+    assert "- Equal tokens (1.0K): **mha leads**" in text and "- Equal training time (5.0 s): **tpa leads**" in text
 
 
 def test_a_run_folder_from_an_older_train_py_still_resumes_and_is_reused():
