@@ -98,7 +98,8 @@ tpa_attention = "materialise"  # T6's attention: "materialise" (Q, K, V, then SD
 # last two keep less memory; speed in benchmarks/RESULTS.md
 sdpa_backend = "auto"  # the attention kernel behind SDPA: "auto" (PyTorch's choice: cuDNN on Hopper), "cudnn", "flash"
 # (FlashAttention-2), "efficient", or "fa4" (flash-attn-4 through PyTorch's registry; Hopper, Blackwell; pip install
-# flash-attn-4); one that cannot run here warns and stays on auto; header.json records the one in effect
+# flash-attn-4==4.0.0b18, see README); one that cannot run here warns and stays on auto; header.json records the one
+# in effect
 float8 = False  # float8 GEMMs in the blocks' Linear layers (torchao, rowwise scaling); CUDA sm_89+ (Ada, Hopper),
 # emulated on the CPU (float8's numerics, not its speed); MFU stays against the bf16 peak
 # -----------------------------------------------------------------------------

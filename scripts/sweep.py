@@ -546,10 +546,10 @@ def write_plan(runs, sweep):
     --variants narrowed, stay), so that best_from can tell a finished grid from one that has not started a point."""
     path = os.path.join(sweep["out_root"], PLAN)
     plan = json.load(open(path)) if os.path.exists(path) else {}
+    grids = {}
     for run in runs:
-        plan[run.variant] = []
-    for run in runs:
-        plan[run.variant].append(run.name)
+        grids.setdefault(run.variant, []).append(run.name)
+    plan.update(grids)
     with open(path + ".tmp", "w") as f:
         json.dump(plan, f, indent=1)
     os.replace(path + ".tmp", path)
@@ -623,7 +623,7 @@ def calibrate(runs, sweep, pass_fds, here, measure=True):
         record = next((r for r in records if r["speed"] == speed), None)
         if record is None and sweep["calibrate_from"]:
             if finished is None:
-                finished = finished_runs(sweep["calibrate_from"])
+                finished = finished_runs(sweep["calibrate_from"], "calibrate_from")
             record = speed_from_runs(run, speed, finished, sweep["calibrate_from"], None if not measure else here)
         if record is None and measure:
             record = measure_speed(run, speed, sweep, pass_fds)
@@ -651,19 +651,20 @@ def this_machine(runs, sweep):
     return f"{sweep['nproc']} x {describe_device(*resolve_device(runs[0].config['device']))}"
 
 
-def finished_runs(folder):
-    """compare.summarize of every finished run in folder (calibrate_from)."""
+def finished_runs(folder, key):
+    """compare.summarize of every finished run in folder (the sweep key that names it: calibrate_from, reuse_from)."""
     from scripts.compare import find_runs, summarize
     try:
-        return [s for s in map(summarize, find_runs([folder])) if s["complete"] and s["train_time_s"] > 0]
+        return [s for s in map(summarize, find_runs([folder])) if s["complete"]]
     except ValueError as e:
-        raise SystemExit(f"calibrate_from: {e}") from None
+        raise SystemExit(f"{key}: {e}") from None
 
 
 def speed_from_runs(run, speed, finished, folder, machine=None):
     """A calibration from finished runs (of folder) with the same speed settings, on machine where given: the median
     of their tokens/s (tokens over the sum of their step times), or None where none matches."""
-    found = [s for s in finished if speed_settings(s["model_config"], s["config"], s["world_size"]) == speed]
+    found = [s for s in finished if s["train_time_s"] > 0
+             and speed_settings(s["model_config"], s["config"], s["world_size"]) == speed]
     elsewhere = sorted({s["device"] for s in found if machine and s["device"] != machine})
     found = [s for s in found if not machine or s["device"] == machine]
     if not found:
@@ -791,11 +792,7 @@ def same_run(then, now):
 def reuse(runs, sweep, dry_run):
     """reuse_from: each run not started here whose settings (but its budget's name) equal a finished run's there is
     copied from it (not its checkpoints) and done; its header records where it came from."""
-    from scripts.compare import find_runs, summarize
-    try:
-        finished = [s for s in map(summarize, find_runs([sweep["reuse_from"]])) if s["complete"]]
-    except ValueError as e:
-        raise SystemExit(f"reuse_from: {e}") from None
+    finished = finished_runs(sweep["reuse_from"], "reuse_from")
     for run in runs:
         if run.status != "scratch" or os.path.exists(run.out_dir):
             continue

@@ -493,7 +493,7 @@ def test_flops_and_time_budgets(data_dir, tmp_path):
     for v in ("mha", "tpa"):
         path = os.path.join(h100, f"{v}_s1", "header.json")
         json.dump(dict(json.load(open(path)), device="NVIDIA H100 80GB HBM3"), open(path, "w"))
-    finished = sweep_script.finished_runs(h100)
+    finished = sweep_script.finished_runs(h100, "calibrate_from")
     run = SimpleNamespace(label="mha", info=dict(tokens_per_iter=128))
     speed = next(sweep_script.speed_settings(s["model_config"], s["config"], 1) for s in finished if s["name"] == "mha_s1")
     assert sweep_script.speed_from_runs(run, speed, finished, h100)["device"] == "1 x NVIDIA H100 80GB HBM3"
