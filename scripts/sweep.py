@@ -41,7 +41,8 @@ the sweep without redoing work. A killed sweep stops its run too (Linux), which 
 A run folder whose header.json holds other settings is refused, not mixed in (a changed sweep file).
 Runs can be split over machines with --only; the report needs only each run's header.json and metrics.jsonl,
 so run folders brought together from several machines compare as one sweep. A failed run is reported and
-the others go on; the exit code is 1 if any run failed.
+the others go on; the exit code is 1 if any run failed. With time_limit (a job's time limit, say), no run starts
+that the longest run so far would not finish in time; the exit code is then 75 (try again) while runs wait.
 """
 
 import fnmatch
@@ -94,6 +95,8 @@ harness_tasks = ""  # after training: eval.harness on these tasks ("paper", "hel
 harness_args = "--num_fewshot=0"  # further eval.harness arguments, e.g. "--num_fewshot=0,2 --limit=500"
 reference = "mha"  # the report's differences are against this variant
 report = True  # write out_root/report when the sweep ends (also after failures)
+time_limit = 0.0  # seconds this command may take (a job's or a machine's time limit), 0 for none: a run is not started
+# when the longest run so far in this command would not finish inside it; the same command continues later
 dry_run = False  # print the runs, their state and commands, then exit
 # -----------------------------------------------------------------------------
 SWEEP_KEYS = list(configure(globals(), []))
@@ -439,6 +442,8 @@ def parse_args(argv):
     if len(given) != 1 or any(sweep[k] < 0 for k in BUDGETS if k != "time_of"):
         raise ValueError(f"set exactly one budget, > 0: max_iters, max_tokens, max_flops, max_seconds or time_of "
                          f"(got {', '.join(f'{k}={sweep[k]!r}' for k in BUDGETS if sweep[k]) or 'none'})")
+    if sweep["time_limit"] < 0:
+        raise ValueError(f"time_limit={sweep['time_limit']} must be >= 0 seconds (0: no limit)")
     if sweep["nproc"] < 1:
         raise ValueError(f"nproc={sweep['nproc']} must be >= 1")
     if sweep["final_eval_tokens"] < 0:
@@ -833,6 +838,7 @@ def describe(runs, sweep):
 
 
 def main(argv):
+    started = time.time()  # time_limit counts from here: the dry runs before training take time too
     try:
         sweep = parse_args(argv)
     except ValueError as e:
@@ -852,13 +858,13 @@ def main(argv):
     resolve(selected + helpers, sweep)
     lock_fd = None if sweep["dry_run"] else lock(sweep["out_root"])
     try:
-        return run_sweep(sweep, runs, selected, helpers, matches, lock_fd)
+        return run_sweep(sweep, runs, selected, helpers, matches, lock_fd, started)
     finally:
         if lock_fd is not None:
             os.close(lock_fd)
 
 
-def run_sweep(sweep, runs, selected, helpers, matches, lock_fd):
+def run_sweep(sweep, runs, selected, helpers, matches, lock_fd, started):
     post = post_evaluations(sweep)
     pass_fds = (lock_fd,) if lock_fd is not None else ()
 
@@ -869,15 +875,29 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd):
         signal.signal(signal.SIGINT, on_stop)
     n_points = sum(len(grid_points(v.get("grid", sweep["grid"]))) for v in sweep["variants"])
     grid_note = f", {n_points} grid points" if n_points > len(sweep["variants"]) else ""
-    failed, interrupted, best_runs = [], False, []
+    failed, interrupted, best_runs, waiting_time = [], False, [], []
     progress = dict(done=0, t0=time.time(), total=0)
+    longest = 0.0  # seconds of the longest run (training and evaluations) so far: what time_limit plans with
 
     def train_all(todo):
+        nonlocal longest
         progress["total"] += sum(r.max_iters - r.start_iter for r in todo if r.status in ("resume", "scratch"))
         for k, run in enumerate(todo, 1):
+            left = sweep["time_limit"] - (time.time() - started)
+            if sweep["time_limit"] and (waiting_time or longest > left):
+                if not waiting_time:
+                    print(f"time_limit: {fmt_time(max(left, 0))} left, and the longest run so far took "
+                          f"{fmt_time(longest)}: the runs from {run.name} on wait for the same command again",
+                          flush=True)
+                waiting_time.extend(todo[k - 1:])
+                for r in todo[k - 1:]:
+                    r.status = "waits (time_limit)"
+                return
+            t0 = time.time()
             if not train_and_evaluate(run, k, len(todo), sweep, post, progress, pass_fds):
                 run.status = "failed"
                 failed.append(run)
+            longest = max(longest, time.time() - t0)
     try:
         prepare(selected + helpers, sweep, post, pass_fds, sweep["dry_run"])
         print(f"sweep: {len(runs)} runs ({len(sweep['variants'])} variants{grid_note} x {len(sweep['seeds'])} seeds) "
@@ -890,7 +910,7 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd):
             return 0
         write_plan(runs, sweep)
         train_all([r for r in selected if r.status != "done"])
-        if sweep["best_seeds"]:
+        if sweep["best_seeds"] and not waiting_time:
             best_runs, waiting = best_point_runs(sweep, runs)
             best_runs = [r for r in best_runs if matches(r.name)]
             for variant, why in waiting.items():
@@ -924,7 +944,11 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd):
     if failed:
         print(f"{len(failed)} run(s) failed: {', '.join(r.name for r in failed)}; fix the cause and run the same "
               f"command again (finished runs are kept)")
-    return 130 if interrupted else 1 if failed else 0
+    if waiting_time:
+        print(f"{len(waiting_time)} run(s) wait for more time (time_limit={sweep['time_limit']:g} s)"
+              + (" and the best points' seeds after them" if sweep["best_seeds"] else "")
+              + ": run the same command again")
+    return 130 if interrupted else 1 if failed else 75 if waiting_time else 0
 
 
 if __name__ == "__main__":

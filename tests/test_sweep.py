@@ -132,6 +132,32 @@ def test_killed_sweep_finishes_on_rerun_with_the_same_losses(full_sweep, data_di
     assert stdout.count(" done") >= 3 and len(launches(os.path.join(out, "mha_s2"))) == 2
 
 
+def test_time_limit_starts_no_run_that_would_not_finish(data_dir, tmp_path, monkeypatch):
+    """time_limit: once the longest run so far would not fit in the time left, no further run starts (exit code 75,
+    the waiting runs listed); the same command without the limit then trains only those."""
+    clock = [0.0]  # each run takes 100 s more than it does, on the sweep's clock
+    monkeypatch.setattr(sweep_script, "time", SimpleNamespace(time=lambda: time.time() + clock[0], sleep=time.sleep))
+    real = sweep_script.train_and_evaluate
+
+    def slow(*a, **k):
+        clock[0] += 100
+        return real(*a, **k)
+    monkeypatch.setattr(sweep_script, "train_and_evaluate", slow)
+    out = str(tmp_path / "sweep")
+    args = ["--seeds=[1]", "--max_iters=4"]
+    code, stdout, _ = sweep(out, data_dir, *args, "--time_limit=150", check=False)
+    assert code == 75, stdout[-3000:]
+    assert "the runs from tpa_s1 on wait" in stdout and "| mha_s1 | done |" in stdout
+    assert "| tpa_s1 | waits (time_limit) |" in stdout and "run the same command again" in stdout
+    assert not os.path.exists(os.path.join(out, "tpa_s1"))
+    code, stdout, _ = sweep(out, data_dir, *args, "--time_limit=0")
+    assert len(launches(os.path.join(out, "mha_s1"))) == 1 and len(launches(os.path.join(out, "tpa_s1"))) == 1
+    prepare = sweep_script.prepare  # a limit already past when training would start (the checks took 100 s): none starts
+    monkeypatch.setattr(sweep_script, "prepare", lambda *a: (clock.__setitem__(0, clock[0] + 100), prepare(*a))[1])
+    code, stdout, _ = sweep(str(tmp_path / "late"), data_dir, *args, "--time_limit=50", check=False)
+    assert code == 75 and "| mha_s1 | waits (time_limit) |" in stdout
+
+
 def test_failed_run_is_reported_and_the_others_go_on(data_dir, tmp_path):
     out = str(tmp_path / "sweep")
     bad = "[{'name': 'good', 'attn': 'mha'}, {'name': 'bad', 'attn': 'tpa', 'block_size': 4096}]"
