@@ -272,6 +272,11 @@ class Run:
             trained = any(r.get("iter") == self.max_iters and "val_loss" in r for r in records)
         if not trained:
             return "resume" if ckpts else "scratch"
+        if not any(r.get("iter") == self.max_iters and "val_loss" in r for r in records):
+            raise SystemExit(f"{self.out_dir} holds the run's final checkpoint, {os.path.basename(ckpts[-1])}, but its "
+                             f"metrics.jsonl has no final evaluation (deleted, or the folder copied in part): the "
+                             f"report would miss the run. Restore its header.json and metrics.jsonl, or move the "
+                             f"folder away to train it again")
         return "evaluate" if missing_evaluations(self, post_evals) else "done"
 
 

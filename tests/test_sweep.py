@@ -158,6 +158,18 @@ def test_time_limit_starts_no_run_that_would_not_finish(data_dir, tmp_path, monk
     assert code == 75 and "| mha_s1 | waits (time_limit) |" in stdout
 
 
+def test_a_run_folder_with_its_final_checkpoint_but_no_log_is_refused(full_sweep, data_dir, tmp_path):
+    """A finished run's folder that lost its metrics.jsonl (deleted, or copied in part) is not taken for done, which
+    would leave it out of the report without a word: the sweep stops and says what to do."""
+    ref, _ = full_sweep
+    out = str(tmp_path / "sweep")
+    shutil.copytree(os.path.join(ref, "mha_s1"), os.path.join(out, "mha_s1"))
+    os.remove(os.path.join(out, "mha_s1", "metrics.jsonl"))
+    code, stdout, err = sweep(out, data_dir, "--only=mha_s1", check=False)
+    assert code == 1 and "has no final evaluation" in err and "move the folder away" in err, (err, stdout[-2000:])
+    assert len(launches(os.path.join(out, "mha_s1"))) == 1  # nothing trained
+
+
 def test_failed_run_is_reported_and_the_others_go_on(data_dir, tmp_path):
     out = str(tmp_path / "sweep")
     bad = "[{'name': 'good', 'attn': 'mha'}, {'name': 'bad', 'attn': 'tpa', 'block_size': 4096}]"
