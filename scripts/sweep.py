@@ -263,16 +263,17 @@ class Run:
     def state(self, post_evals):
         """'done', 'evaluate' (trained; an evaluation is missing), 'resume' or 'scratch'."""
         ckpts = list_checkpoints(self.out_dir) if os.path.isdir(self.out_dir) else []
-        records = read_metrics(self.out_dir)
+        # the final evaluation in the run's log: what the report reads
+        logged = any(r.get("iter") == self.max_iters and "val_loss" in r for r in read_metrics(self.out_dir))
         if ckpts:
             self.start_iter = checkpoint_iter(ckpts[-1])
             trained = self.start_iter >= self.max_iters
         else:  # no checkpoint: trained only if its log ends the run (runs brought from another machine)
             self.start_iter = 0
-            trained = any(r.get("iter") == self.max_iters and "val_loss" in r for r in records)
+            trained = logged
         if not trained:
             return "resume" if ckpts else "scratch"
-        if not any(r.get("iter") == self.max_iters and "val_loss" in r for r in records):
+        if not logged:
             raise SystemExit(f"{self.out_dir} holds the run's final checkpoint, {os.path.basename(ckpts[-1])}, but its "
                              f"metrics.jsonl has no final evaluation (deleted, or the folder copied in part): the "
                              f"report would miss the run. Restore its header.json and metrics.jsonl, or move the "
