@@ -137,6 +137,12 @@ def test_resume_is_exact(data_dir, tmp_path, nproc):
     assert losses(part) == losses(full)  # bit for bit
     assert_same_weights(weights(part), weights(full), atol=0)
     assert os.path.exists(os.path.join(part, "header_resume_0000003.json"))
+    if nproc == 1:  # a run from scratch into a run's folder is refused, and the folder is left as it was
+        before = {f: open(os.path.join(part, f), "rb").read() for f in sorted(os.listdir(part))}
+        p = train(base_args(data_dir, part, **dict(kw, max_iters=2)), check=False)
+        assert p.returncode != 0 and "already holds a run (ckpt_0000006.pt)" in p.stderr, p.stderr[-2000:]
+        assert "--init_from=resume" in p.stderr and "Traceback" not in p.stderr
+        assert {f: open(os.path.join(part, f), "rb").read() for f in sorted(os.listdir(part))} == before
 
 
 def test_preemption_saves_and_resumes(data_dir, tmp_path):

@@ -1,0 +1,49 @@
+"""benchmarks/bench_train.py on the CPU: settings that take turns, rounds, rows written as they come, timeouts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import ROOT, child_env
+from data.shards import write_shard
+
+
+def bench(tmp_path, *args):
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", f"--data_dir={tmp_path / 'data'}", "--runs=quickstart:2",
+           "--iters=2", f"--out_root={tmp_path / 'runs'}", f"--out={tmp_path / 'rows.jsonl'}", "--device=cpu",
+           "--compile=False", "--dtype=float32", "--eval_tokens=256", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
+
+
+def test_bench_train_settings_take_turns_over_rounds(tmp_path):
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "data")
+    for split, n in (("train", 20000), ("val", 4000)):
+        write_shard(str(tmp_path / "data" / f"syn_{split}_000000.bin"), rng.integers(0, 256, n).astype(np.uint16))
+    p = bench(tmp_path, "--settings=plain: ; recompute: GIT_COMMIT=abc123 --tpa_attention=recompute", "--rounds=2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "rows.jsonl")]
+    # the settings take turns, round after round; a setting's args and environment reach train.py
+    assert [(r["label"], r["round"]) for r in rows] == [("plain", 1), ("recompute", 1), ("plain", 2), ("recompute", 2)]
+    assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
+    assert [r["kernel_choices"]["tpa_attention"] == "recompute" for r in rows] == [False, True] * 2
+    assert rows[1]["env"] == {"GIT_COMMIT": "abc123"} and rows[0]["env"] == {}
+    headers = {s: json.load(open(tmp_path / "runs" / f"quickstart_mb2_x1_{s}" / "header.json"))
+               for s in ("plain", "recompute")}
+    assert headers["recompute"]["git_commit"] == "abc123" != headers["plain"]["git_commit"]
+    # the table: each setting's median over the rounds and its ratio to the first setting
+    table = {line.split("|")[3].strip(): line for line in p.stdout.splitlines() if line.startswith("| quickstart")}
+    assert set(table) == {"plain", "recompute"} and table["plain"].split("|")[5].strip() == "1.000"
+    # a run past --timeout is stopped and reported; the rows before it stay in --out
+    p = bench(tmp_path, "--settings=slow: --tpa_attention=recompute", "--timeout=0.5")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [json.loads(line) for line in open(tmp_path / "rows.jsonl")]
+    assert len(rows) == 5 and rows[-1]["error"] == ["timed out after 0.5 s"] and "error: ['timed out" in p.stdout
+    # settings that cannot be read are refused before anything runs
+    p = bench(tmp_path, "--settings=fa4 --sdpa_backend=fa4")
+    assert p.returncode != 0 and "must be LABEL: ARGS" in p.stderr and "Traceback" not in p.stderr
+    p = bench(tmp_path, "--settings=a: sdpa_backend=fa4")
+    assert p.returncode != 0 and "write train.py keys as --key=value" in p.stderr
