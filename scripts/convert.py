@@ -36,7 +36,7 @@ import torch
 
 if __package__ in (None, ""):  # run as `python scripts/convert.py`: make the repository root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from checkpoint import checkpoint_path, load_checkpoint
+from checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from model import GPT, GPTConfig
 
 ROTATION_NOTE = "the official code rotates RoPE the other way: rows feeding the second half of each rotated block re-signed"
@@ -278,10 +278,12 @@ def write_checkpoint(out_dir, config, state, iter_num, meta, config_extra=None, 
     if unexpected or [k for k in missing if k != "lm_head.weight"]:
         raise ValueError(f"the weights do not fit {config.attn} with these sizes (missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]})")
+    held = list_checkpoints(out_dir) if os.path.isdir(out_dir) else []
+    if held:  # beside them the newest of either would be the one sample.py, eval and resume take
+        raise ValueError(f"{out_dir} holds checkpoints already ({os.path.basename(held[-1])}): choose another output "
+                         f"folder (nothing is written over or mixed in)")
     os.makedirs(out_dir, exist_ok=True)
     path = checkpoint_path(out_dir, iter_num)
-    if os.path.exists(path):
-        raise ValueError(f"{path} exists: choose another output folder (nothing is written over)")
     from dataclasses import asdict
     state = dict(model=model.state_dict(), model_config=asdict(config), config=config_extra or {}, iter_num=iter_num,
                  meta=dict(meta, tokenizer="gpt2"))

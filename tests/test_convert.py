@@ -11,7 +11,7 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, save_checkpoint
+from checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from conftest import ROOT, child_env
 from engine import generate
 from model import GPT, GPTConfig, model_config
@@ -117,6 +117,10 @@ def test_round_trip_is_bit_identical_and_the_card(tmp_path):
     assert back["model"].keys() == sd.keys() and all(torch.equal(back["model"][k], sd[k]) for k in sd)
     with pytest.raises(ValueError, match="is not empty"):  # nothing is written over
         convert.to_hf(run, str(tmp_path / "hf"))
+    other = write_run(model, str(tmp_path / "other"), iter_num=7)  # nor mixed in: the newest would be taken
+    with pytest.raises(ValueError, match=r"holds checkpoints already \(ckpt_0000007.pt\)"):
+        convert.from_hf(str(tmp_path / "hf"), other)
+    assert [os.path.basename(p) for p in list_checkpoints(other)] == ["ckpt_0000007.pt"]
 
 
 def official_layout(model):
