@@ -747,6 +747,28 @@ def budget_section(summaries, group_by, reference, out, suffix, h):
                        groups=table, lr_optimum=fits, efficiency=efficiency)
 
 
+def unfinished_plans(runs, summaries):
+    """Grid runs that a sweep's plan.json (beside the run folders) names for a variant shown here, and that are not
+    here finished (the report is then a sweep's state so far, and says so); and the variants it plans that have no
+    runs here."""
+    finished, variants = set(), {}
+    for r, s in zip(runs, summaries):
+        path = os.path.normpath(os.path.abspath(r["path"]))
+        variants.setdefault(os.path.dirname(path), set()).add(s["variant"])
+        if s["complete"]:
+            finished.add(path)
+    missing, absent = [], []
+    for root, shown in sorted(variants.items()):
+        try:
+            plan = json.load(open(os.path.join(root, "plan.json")))
+        except (OSError, ValueError):  # no plan (runs not made by scripts/sweep.py), or one that cannot be read
+            continue
+        missing += [n for v, names in plan.items() if v in shown for n in names
+                    if os.path.join(root, n) not in finished]
+        absent += [v for v in plan if v not in shown and v not in absent]
+    return missing, absent
+
+
 def write_report(runs, out, group_by="variant", reference="mha"):
     """report.md, summary.json and the plots in out; returns the report's text."""
     summaries = [summarize(r) for r in runs]
@@ -757,6 +779,13 @@ def write_report(runs, out, group_by="variant", reference="mha"):
     lines = [f"# Comparison of {len(summaries)} runs (by {group_by})", "",
              f"Written by `python -m scripts.compare` on {time.strftime('%Y-%m-%d %H:%M')} from each run's header.json "
              f"and metrics.jsonl.", ""]
+    missing, absent = unfinished_plans(runs, summaries)
+    if missing:
+        lines += [f"**Not finished: {len(missing)} of the grid runs the sweep planned for these variants (its "
+                  f"plan.json) are not finished here ({', '.join(missing[:10])}{', ...' if len(missing) > 10 else ''}): "
+                  f"the best points, differences and leaders below are the sweep's state so far.**", ""]
+    if absent:
+        lines += [f"Planned by the sweep but with no runs here: {', '.join(absent)}.", ""]
     devices = sorted({s["device"] for s in summaries})
     if len(devices) > 1:
         lines += [f"**The runs used different devices ({', '.join(devices)}): time, tokens/s and MFU do not compare "
@@ -801,7 +830,8 @@ def write_report(runs, out, group_by="variant", reference="mha"):
 
     text = "\n".join(lines)
     summary = dict(group_by=group_by, reference=reference, compared=sections[0]["compared"],
-                   groups=sections[0]["groups"], budgets=sections,
+                   groups=sections[0]["groups"], budgets=sections, planned_not_finished=missing,
+                   planned_without_runs=absent,
                    runs=[{k: v for k, v in s.items() if k not in ("curve", "train_curve", "config", "model_config")}
                          for s in summaries])
     for name, content in (("report.md", text), ("summary.json", json.dumps(summary, indent=1))):

@@ -272,8 +272,13 @@ def test_compare_runs_of_different_lengths(full_sweep, tmp_path):
         if name == "tpa_s2":
             lines = [line for line in lines if json.loads(line)["iter"] <= 20]
         (tmp_path / name / "metrics.jsonl").write_text("".join(lines))
+    # the sweep's plan names a run not started and one still in progress; gqa is not among the variants shown
+    json.dump(dict(mha=["mha_s1", "mha_s2", "mha_s3"], tpa=["tpa_s1", "tpa_s2"], gqa=["gqa_s1"]),
+              open(tmp_path / "plan.json", "w"))
     text = compare.write_report(compare.find_runs([str(tmp_path)]), str(tmp_path / "report"))
     assert "different lengths or are not finished" in text and "20 of 40 (partial)" in text
+    assert "**Not finished: 2 of the grid runs the sweep planned for these variants (its plan.json) are not finished " \
+           "here (mha_s3, tpa_s2)" in text and "Planned by the sweep but with no runs here: gqa." in text
     # the difference uses the most tokens every run was evaluated at: iteration 20 (20 x 4 x 32 tokens)
     assert "val loss at 2.6K tokens" in text
     at20 = {n: next(r["val_loss"] for r in records(os.path.join(ref, n), "val_loss") if r["iter"] == 20) for n in RUNS}
@@ -283,6 +288,7 @@ def test_compare_runs_of_different_lengths(full_sweep, tmp_path):
     summary = json.load(open(tmp_path / "report" / "summary.json"))
     assert {r["name"]: r["complete"] for r in summary["runs"]} == dict(mha_s1=True, mha_s2=True, tpa_s1=True,
                                                                        tpa_s2=False)
+    assert summary["planned_not_finished"] == ["mha_s3", "tpa_s2"] and summary["planned_without_runs"] == ["gqa"]
 
 
 def test_grid_runs_are_named_by_their_settings():
