@@ -42,7 +42,9 @@ A run folder whose header.json holds other settings is refused, not mixed in (a 
 Runs can be split over machines with --only; the report needs only each run's header.json and metrics.jsonl,
 so run folders brought together from several machines compare as one sweep. A failed run is reported and
 the others go on; the exit code is 1 if any run failed. With time_limit (a job's time limit, say), no run starts
-that the longest run so far would not finish in time; the exit code is then 75 (try again) while runs wait.
+that the longest run so far would not finish in time (nor a time budget's run with fewer seconds left than its
+steps take, nor a calibration that the longest so far would not finish); the exit code is then 75 (try again)
+while runs wait.
 """
 
 import fnmatch
@@ -96,7 +98,8 @@ harness_args = "--num_fewshot=0"  # further eval.harness arguments, e.g. "--num_
 reference = "mha"  # the report's differences are against this variant
 report = True  # write out_root/report when the sweep ends (also after failures)
 time_limit = 0.0  # seconds this command may take (a job's or a machine's time limit), 0 for none: a run is not started
-# when the longest run so far in this command would not finish inside it; the same command continues later
+# when the longest run so far in this command (or a time budget's steps) would not finish inside it, nor a
+# calibration the longest one so far would not finish; the same command continues later
 dry_run = False  # print the runs, their state and commands, then exit
 # -----------------------------------------------------------------------------
 SWEEP_KEYS = list(configure(globals(), []))
@@ -109,6 +112,10 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 class Stop(Exception):
     """The sweep was asked to stop (Ctrl-C, SIGTERM)."""
+
+
+class TimeUp(Exception):
+    """time_limit: the next calibration would not finish in the time left."""
 
 
 def arg(key, value):
@@ -239,6 +246,7 @@ class Run:
         self.info = None  # the dry run's model config, FLOPs per token and tokens per iteration
         self.max_iters = None
         self.budget = None  # the budget's label, the same for every run of the sweep
+        self.budget_s = 0.0  # a time budget's seconds of training steps: the least time the run takes
         self.status = "pending"
         self.source = None  # reuse_from's run with the same settings, if any
 
@@ -358,7 +366,7 @@ def set_budget(runs, sweep, calibration=None):
             run.budget = f"flops={sweep['max_flops']:.6g}"
         elif seconds is not None and calibration and run.label in calibration:
             run.max_iters = iters(seconds * calibration[run.label] / tokens_per_iter)
-            run.budget = f"seconds={seconds:.6g}"
+            run.budget, run.budget_s = f"seconds={seconds:.6g}", seconds
         if run.max_iters is not None and run.config["warmup_iters"] > run.max_iters:
             raise SystemExit(f"{run.label}: warmup_iters={run.config['warmup_iters']} exceeds the budget of "
                              f"{run.max_iters} iterations; set a shorter warmup in the sweep's train")
@@ -621,14 +629,16 @@ def train_and_evaluate(run, k, n_todo, sweep, post, progress, pass_fds):
     return all([evaluate(run, kind, sweep, prefix, pass_fds) for kind in missing_evaluations(run, post)])
 
 
-def calibrate(runs, sweep, pass_fds, here, measure=True):
+def calibrate(runs, sweep, pass_fds, here, measure=True, deadline=None):
     """{label: calibration record (tokens_per_s, device, ...)} of the runs, from out_root/calibration.json; speeds not
     recorded there are taken from calibrate_from's runs on this machine (here) or measured (a calibrate_iters-step
     train.py run in out_root/calibration/<label>), and recorded; a dry run (measure False) measures and records
-    nothing, and plans with calibrate_from's runs from any machine (say, on a laptop for a GPU sweep)."""
+    nothing, and plans with calibrate_from's runs from any machine (say, on a laptop for a GPU sweep). With a
+    deadline (time_limit), no measurement starts that the longest one so far would not finish by then (TimeUp);
+    those already made are recorded, and the same command continues."""
     path = os.path.join(sweep["out_root"], "calibration.json")
     records = json.load(open(path)) if os.path.exists(path) else []
-    found, finished = {}, None
+    found, finished, longest = {}, None, 0.0
     for run in {run.label: run for run in runs}.values():
         speed = run.speed(sweep)
         record = next((r for r in records if r["speed"] == speed), None)
@@ -637,7 +647,12 @@ def calibrate(runs, sweep, pass_fds, here, measure=True):
                 finished = finished_runs(sweep["calibrate_from"], "calibrate_from")
             record = speed_from_runs(run, speed, finished, sweep["calibrate_from"], None if not measure else here)
         if record is None and measure:
+            if deadline and time.time() + longest > deadline:
+                raise TimeUp(f"the next calibration ({run.label}) would not finish: the longest took "
+                             f"{fmt_time(longest)}, and {fmt_time(max(deadline - time.time(), 0))} are left")
+            t0 = time.time()
             record = measure_speed(run, speed, sweep, pass_fds)
+            longest = max(longest, time.time() - t0)
         if record is not None and record not in records:
             others = sorted({r["device"] for r in records} - {record["device"]})
             if others:  # a time budget compares speeds measured on one kind of machine only
@@ -748,13 +763,13 @@ def best_point_runs(sweep, runs):
     return out, waiting
 
 
-def prepare(runs, sweep, post, pass_fds, dry_run):
-    """Budgets (calibrating a time budget's speeds unless dry_run), then each run's state; refuse run folders made
-    with other settings."""
+def prepare(runs, sweep, post, pass_fds, dry_run, deadline=None):
+    """Budgets (calibrating a time budget's speeds unless dry_run, by the deadline), then each run's state; refuse
+    run folders made with other settings."""
     calibration, records, here = None, {}, None
     if sweep["max_seconds"] or sweep["time_of"]:
         here = this_machine(runs, sweep)
-        records = calibrate(runs, sweep, pass_fds, here, measure=not dry_run)
+        records = calibrate(runs, sweep, pass_fds, here, measure=not dry_run, deadline=deadline)
         calibration = {label: r["tokens_per_s"] for label, r in records.items()}
     set_budget(runs, sweep, calibration)
     conflicts = []
@@ -884,17 +899,21 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd, started):
     failed, interrupted, best_runs, waiting_time = [], False, [], []
     progress = dict(done=0, t0=time.time(), total=0)
     longest = 0.0  # seconds of the longest run (training and evaluations) so far: what time_limit plans with
+    deadline = started + sweep["time_limit"] if sweep["time_limit"] and not sweep["dry_run"] else None
 
     def train_all(todo):
         nonlocal longest
         progress["total"] += sum(r.max_iters - r.start_iter for r in todo if r.status in ("resume", "scratch"))
         for k, run in enumerate(todo, 1):
             left = sweep["time_limit"] - (time.time() - started)
-            if sweep["time_limit"] and (waiting_time or longest > left):
+            # a run takes as long as the longest so far, and a time budget's run at least its steps' seconds
+            need = max(longest, run.budget_s * (1 - run.start_iter / run.max_iters) if run.max_iters else 0)
+            if sweep["time_limit"] and (waiting_time or need > left):
                 if not waiting_time:
-                    print(f"time_limit: {fmt_time(max(left, 0))} left, and the longest run so far took "
-                          f"{fmt_time(longest)}: the runs from {run.name} on wait for the same command again",
-                          flush=True)
+                    took = f"the longest run so far took {fmt_time(longest)}" if longest >= need else \
+                        f"{run.name} has {fmt_time(need)} of training steps"
+                    print(f"time_limit: {fmt_time(max(left, 0))} left, and {took}: the runs from {run.name} on wait "
+                          f"for the same command again", flush=True)
                 waiting_time.extend(todo[k - 1:])
                 for r in todo[k - 1:]:
                     r.status = "waits (time_limit)"
@@ -904,18 +923,34 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd, started):
                 run.status = "failed"
                 failed.append(run)
             longest = max(longest, time.time() - t0)
+    def prepare_by_deadline(todo, dry_run):
+        """prepare(); if a calibration would not finish in the time left, every run of todo waits (False)."""
+        try:
+            prepare(todo, sweep, post, pass_fds, dry_run, deadline)
+            return True
+        except TimeUp as e:
+            print(f"time_limit: {e}; the calibrations made are kept, and the runs wait for the same command again",
+                  flush=True)
+            for r in todo:
+                r.status = "waits (time_limit)"
+            waiting_time.extend(r for r in todo if r not in helpers)
+            return False
     try:
-        prepare(selected + helpers, sweep, post, pass_fds, sweep["dry_run"])
+        if not prepare_by_deadline(selected + helpers, sweep["dry_run"]):
+            selected_todo = []
+        else:
+            selected_todo = [r for r in selected if r.status != "done"]
         print(f"sweep: {len(runs)} runs ({len(sweep['variants'])} variants{grid_note} x {len(sweep['seeds'])} seeds) "
               f"in {sweep['out_root']}" + (f", {len(selected)} selected by only={sweep['only']!r}" if sweep["only"]
                                            else ""))
-        describe(selected, sweep)
+        if not waiting_time:
+            describe(selected, sweep)
         if sweep["best_seeds"]:
             print(f"  then seeds {sweep['best_seeds']} at each variant's best grid point, once its grid has finished")
         if sweep["dry_run"]:
             return 0
         write_plan(runs, sweep)
-        train_all([r for r in selected if r.status != "done"])
+        train_all(selected_todo)
         if sweep["best_seeds"] and not waiting_time:
             best_runs, waiting = best_point_runs(sweep, runs)
             best_runs = [r for r in best_runs if matches(r.name)]
@@ -923,10 +958,10 @@ def run_sweep(sweep, runs, selected, helpers, matches, lock_fd, started):
                 print(f"{variant}: its best grid point is not known yet ({why}); its seeds {sweep['best_seeds']} wait")
             if best_runs:
                 resolve(best_runs, sweep)
-                prepare(best_runs, sweep, post, pass_fds, False)
-                print(f"at each variant's best grid point: {len(best_runs)} runs")
-                describe(best_runs, sweep)
-                train_all([r for r in best_runs if r.status != "done"])
+                if prepare_by_deadline(best_runs, False):
+                    print(f"at each variant's best grid point: {len(best_runs)} runs")
+                    describe(best_runs, sweep)
+                    train_all([r for r in best_runs if r.status != "done"])
     except Stop:
         interrupted = True
         print("\nsweep interrupted: run the same command again to continue where it stopped", flush=True)

@@ -156,6 +156,21 @@ def test_time_limit_starts_no_run_that_would_not_finish(data_dir, tmp_path, monk
     monkeypatch.setattr(sweep_script, "prepare", lambda *a: (clock.__setitem__(0, clock[0] + 100), prepare(*a))[1])
     code, stdout, _ = sweep(str(tmp_path / "late"), data_dir, *args, "--time_limit=50", check=False)
     assert code == 75 and "| mha_s1 | waits (time_limit) |" in stdout
+    # a time budget: no calibration starts that the longest one so far would not finish (those made are kept),
+    # and no run starts with less time left than its budget's seconds of training steps
+    monkeypatch.setattr(sweep_script, "prepare", prepare)
+    measure = sweep_script.measure_speed
+    monkeypatch.setattr(sweep_script, "measure_speed", lambda *a: (clock.__setitem__(0, clock[0] + 100), measure(*a))[1])
+    timed, args = str(tmp_path / "timed"), ["--seeds=[1]", "--max_iters=0", "--max_seconds=60", "--calibrate_iters=4"]
+    code, stdout, _ = sweep(timed, data_dir, *args, "--time_limit=150", check=False)
+    assert code == 75 and "the next calibration (tpa) would not finish" in stdout, stdout[-3000:]
+    assert "| mha_s1 | waits (time_limit) |" in stdout and "| tpa_s1 | waits (time_limit) |" in stdout
+    assert [c["label"] for c in json.load(open(os.path.join(timed, "calibration.json")))] == ["mha"]
+    code, stdout, _ = sweep(timed, data_dir, *args, "--time_limit=130", check=False)  # tpa's calibration: 30 s left
+    assert code == 75 and "calibrating mha" not in stdout and "calibrating tpa" in stdout, stdout[-3000:]
+    assert "mha_s1 has 1m00s of training steps: the runs from mha_s1 on wait" in stdout
+    assert [c["label"] for c in json.load(open(os.path.join(timed, "calibration.json")))] == ["mha", "tpa"]
+    assert not os.path.exists(os.path.join(timed, "mha_s1")) and not os.path.exists(os.path.join(timed, "tpa_s1"))
 
 
 def test_a_run_folder_with_its_final_checkpoint_but_no_log_is_refused(full_sweep, data_dir, tmp_path):
