@@ -83,6 +83,8 @@ def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum
     if p.returncode != 0:
         print(out[-2000:], err[-4000:])
         return dict(what, error=err.strip().splitlines()[-1:])
+    # what train.py warned about (an option that fell back, say), once each: the row says what it measured
+    warnings = list(dict.fromkeys(line.strip()[:300] for line in (out + err).splitlines() if "warning" in line.lower()))
     logs = [json.loads(line) for line in open(os.path.join(out_dir, "metrics.jsonl"))]
     steps = [m for m in logs if "tokens_per_s" in m][1:] or [m for m in logs if "tokens_per_s" in m]
     header = json.load(open(os.path.join(out_dir, "header.json")))
@@ -93,7 +95,7 @@ def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum
                 params=header["params"], flops_per_token=header["flops_per_token"],
                 # what ran, as train.py recorded it: the settings passed through, the kernels in effect
                 train_args=" ".join(extra), env=env or {}, kernel_choices=header.get("kernel_choices"),
-                sdpa_backend=header.get("sdpa_backend"), float8_layers=len((header.get("float8_layers") or
+                warnings=warnings[:5], sdpa_backend=header.get("sdpa_backend"), float8_layers=len((header.get("float8_layers") or
                                                                             {}).get("converted", [])))
 
 
@@ -120,6 +122,9 @@ def print_settings(results, labels):
             each = ", ".join(f"{r['tokens_per_s']:,.0f}" if "error" not in r else "error" for r in rows)
             print(f"| {config}:{mb} | {nproc} | {label} | {tps:,.0f} | {ratio} | {mfu} | "
                   f"{max(r['mem_gib'] for r in ok):.2f} GiB | {each} |")
+    for r in results:  # a setting that did not run as asked says so in its warnings
+        for w in r.get("warnings", []):
+            print(f"warning in {r['config']}:{r['micro_batch']} {r.get('label', '')}: {w}")
 
 
 def main():

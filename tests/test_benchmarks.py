@@ -23,7 +23,8 @@ def test_bench_train_settings_take_turns_over_rounds(tmp_path):
     os.makedirs(tmp_path / "data")
     for split, n in (("train", 20000), ("val", 4000)):
         write_shard(str(tmp_path / "data" / f"syn_{split}_000000.bin"), rng.integers(0, 256, n).astype(np.uint16))
-    p = bench(tmp_path, "--settings=plain: ; recompute: GIT_COMMIT=abc123 --tpa_attention=recompute", "--rounds=2")
+    p = bench(tmp_path, "--settings=plain: ; recompute: GIT_COMMIT=abc123 --tpa_attention=recompute "
+                        "--sdpa_backend=fa4", "--rounds=2")
     assert p.returncode == 0, p.stderr[-3000:]
     rows = [json.loads(line) for line in open(tmp_path / "rows.jsonl")]
     # the settings take turns, round after round; a setting's args and environment reach train.py
@@ -31,6 +32,10 @@ def test_bench_train_settings_take_turns_over_rounds(tmp_path):
     assert all("error" not in r and r["tokens_per_s"] > 0 for r in rows)
     assert [r["kernel_choices"]["tpa_attention"] == "recompute" for r in rows] == [False, True] * 2
     assert rows[1]["env"] == {"GIT_COMMIT": "abc123"} and rows[0]["env"] == {}
+    # what train.py warned about goes with the row and under the table (here: fa4 needs a CUDA device)
+    assert [r["sdpa_backend"] for r in rows[:2]] == ["auto", "auto"] and rows[0]["warnings"] == []
+    assert any("sdpa_backend='fa4' is not used: no CUDA device" in w for w in rows[1]["warnings"])
+    assert "warning in quickstart:2 recompute: " in p.stdout
     headers = {s: json.load(open(tmp_path / "runs" / f"quickstart_mb2_x1_{s}" / "header.json"))
                for s in ("plain", "recompute")}
     assert headers["recompute"]["git_commit"] == "abc123" != headers["plain"]["git_commit"]
