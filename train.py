@@ -202,9 +202,10 @@ if init_from == "resume":
         raise SystemExit(f"the checkpoint's model differs from this config ({{key: (checkpoint, config)}}: {diff}); "
                          f"resume with the config the run started with")
 elif init_from == "scratch":
-    if list_checkpoints(out_dir) and not dry_run:  # a second run there would mix with the first: resume would pick
-        # the newest checkpoint of either, sample.py the other run's model, and pruning could delete this run's
-        raise SystemExit(f"{out_dir!r} already holds a run ({os.path.basename(list_checkpoints(out_dir)[-1])}): "
+    held = [] if dry_run else list_checkpoints(out_dir)
+    if held:  # a second run there would mix with the first: resume would pick the newest checkpoint of either,
+        # sample.py the other run's model, and pruning could delete this run's
+        raise SystemExit(f"{out_dir!r} already holds a run ({os.path.basename(held[-1])}): "
                          f"continue it with --init_from=resume, train into another --out_dir, or delete the folder "
                          f"to start again")
     try:

@@ -47,8 +47,9 @@ def parse_settings(text, extra):
         if not sep or not re.fullmatch(r"[\w.+-]+", label):
             raise SystemExit(f"--settings: {part.strip()!r} must be LABEL: ARGS, the label made of letters, digits "
                              f"and _ . + - (e.g. \"fa4: --sdpa_backend=fa4\")")
-        env = dict(w.split("=", 1) for w in words if re.match(r"[A-Z_][A-Z0-9_]*=", w))
-        args = [w for w in words if not re.match(r"[A-Z_][A-Z0-9_]*=", w)]
+        is_env = [bool(re.match(r"[A-Z_][A-Z0-9_]*=", w)) for w in words]  # NAME=value, not --key=value
+        env = dict(w.split("=", 1) for w, e in zip(words, is_env) if e)
+        args = [w for w, e in zip(words, is_env) if not e]
         if not all(a.startswith("--") and "=" in a for a in args):
             raise SystemExit(f"--settings: {label}: write train.py keys as --key=value and environment variables as "
                              f"NAME=value, got {rest.strip()!r}")
@@ -95,8 +96,8 @@ def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum
                 params=header["params"], flops_per_token=header["flops_per_token"],
                 # what ran, as train.py recorded it: the settings passed through, the kernels in effect
                 train_args=" ".join(extra), env=env or {}, kernel_choices=header.get("kernel_choices"),
-                warnings=warnings[:5], sdpa_backend=header.get("sdpa_backend"), float8_layers=len((header.get("float8_layers") or
-                                                                            {}).get("converted", [])))
+                warnings=warnings[:5], sdpa_backend=header.get("sdpa_backend"),
+                float8_layers=len((header.get("float8_layers") or {}).get("converted", [])))
 
 
 def print_settings(results, labels):
