@@ -81,6 +81,10 @@ def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum
         os.killpg(p.pid, signal.SIGKILL)
         p.communicate()
         return dict(what, error=[f"timed out after {timeout:g} s"])
+    except BaseException:  # Ctrl-C, or SIGTERM (a job's time limit, `timeout`): the run must not outlive us and
+        os.killpg(p.pid, signal.SIGKILL)  # hold the GPU, which its own session would otherwise let it do
+        p.wait()
+        raise
     if p.returncode != 0:
         print(out[-2000:], err[-4000:])
         return dict(what, error=err.strip().splitlines()[-1:])
@@ -143,6 +147,7 @@ def main():
     parser.add_argument("--rounds", type=int, default=1, help="times each run is made under each setting")
     parser.add_argument("--timeout", type=float, default=None, help="seconds a run may take (compilation included)")
     args, extra = parser.parse_known_args()  # anything else is passed to train.py, e.g. --compile=False
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))  # unwinds through run()'s cleanup
     settings = parse_settings(args.settings, extra)
     if args.rounds < 1:
         raise SystemExit(f"--rounds={args.rounds} must be >= 1")

@@ -2,8 +2,10 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -52,3 +54,38 @@ def test_bench_train_settings_take_turns_over_rounds(tmp_path):
     assert p.returncode != 0 and "must be LABEL: ARGS" in p.stderr and "Traceback" not in p.stderr
     p = bench(tmp_path, "--settings=a: sdpa_backend=fa4")
     assert p.returncode != 0 and "write train.py keys as --key=value" in p.stderr
+
+
+def test_bench_train_stopped_stops_its_run(tmp_path):
+    """SIGTERM to bench_train (a job's time limit, `timeout`) also ends the train.py it started in a session of its
+    own, which would otherwise go on holding the GPU."""
+    rng = np.random.default_rng(0)
+    os.makedirs(tmp_path / "data")
+    for split, n in (("train", 20000), ("val", 4000)):
+        write_shard(str(tmp_path / "data" / f"syn_{split}_000000.bin"), rng.integers(0, 256, n).astype(np.uint16))
+    out_root = tmp_path / "stopme"
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", f"--data_dir={tmp_path / 'data'}", "--runs=quickstart:2",
+           "--iters=100000", f"--out_root={out_root}", "--device=cpu", "--compile=False", "--dtype=float32",
+           "--eval_tokens=256"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def trainers():  # the train.py processes writing under this test's folder
+        found = subprocess.run(["pgrep", "-f", f"train.py.*{out_root}"], capture_output=True, text=True)
+        return found.stdout.split()
+
+    try:
+        deadline = time.time() + 120
+        while not (out_root / "quickstart_mb2_x1" / "metrics.jsonl").exists():  # train.py is training
+            assert time.time() < deadline and p.poll() is None, "train.py did not start"
+            time.sleep(0.2)
+        assert trainers()
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.time() + 10
+        while trainers() and time.time() < deadline:
+            time.sleep(0.2)
+        assert not trainers()
+    finally:
+        p.kill()
+        for pid in trainers():
+            os.kill(int(pid), signal.SIGKILL)
