@@ -20,11 +20,15 @@ def bench(tmp_path, *args):
     return subprocess.run(cmd, cwd=ROOT, env=child_env(), capture_output=True, text=True, timeout=600)
 
 
-def test_bench_train_settings_take_turns_over_rounds(tmp_path):
+def synthetic_data(tmp_path):
     rng = np.random.default_rng(0)
     os.makedirs(tmp_path / "data")
     for split, n in (("train", 20000), ("val", 4000)):
         write_shard(str(tmp_path / "data" / f"syn_{split}_000000.bin"), rng.integers(0, 256, n).astype(np.uint16))
+
+
+def test_bench_train_settings_take_turns_over_rounds(tmp_path):
+    synthetic_data(tmp_path)
     p = bench(tmp_path, "--settings=plain: ; recompute: GIT_COMMIT=abc123 --tpa_attention=recompute "
                         "--sdpa_backend=fa4", "--rounds=2")
     assert p.returncode == 0, p.stderr[-3000:]
@@ -59,10 +63,7 @@ def test_bench_train_settings_take_turns_over_rounds(tmp_path):
 def test_bench_train_stopped_stops_its_run(tmp_path):
     """SIGTERM to bench_train (a job's time limit, `timeout`) also ends the train.py it started in a session of its
     own, which would otherwise go on holding the GPU."""
-    rng = np.random.default_rng(0)
-    os.makedirs(tmp_path / "data")
-    for split, n in (("train", 20000), ("val", 4000)):
-        write_shard(str(tmp_path / "data" / f"syn_{split}_000000.bin"), rng.integers(0, 256, n).astype(np.uint16))
+    synthetic_data(tmp_path)
     out_root = tmp_path / "stopme"
     cmd = [sys.executable, "-m", "benchmarks.bench_train", f"--data_dir={tmp_path / 'data'}", "--runs=quickstart:2",
            "--iters=100000", f"--out_root={out_root}", "--device=cpu", "--compile=False", "--dtype=float32",
