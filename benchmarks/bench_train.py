@@ -77,14 +77,12 @@ def run(config, micro_batch, nproc, data_dir, iters, out_root, extra, grad_accum
                          env=dict(os.environ, **(env or {})))
     try:
         out, err = p.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(p.pid, signal.SIGKILL)
+    except BaseException as e:  # past --timeout, or Ctrl-C / SIGTERM (a job's time limit): the run must not
+        os.killpg(p.pid, signal.SIGKILL)  # outlive us and hold the GPU, which its own session would let it do
         p.communicate()
+        if not isinstance(e, subprocess.TimeoutExpired):
+            raise
         return dict(what, error=[f"timed out after {timeout:g} s"])
-    except BaseException:  # Ctrl-C, or SIGTERM (a job's time limit, `timeout`): the run must not outlive us and
-        os.killpg(p.pid, signal.SIGKILL)  # hold the GPU, which its own session would otherwise let it do
-        p.wait()
-        raise
     if p.returncode != 0:
         print(out[-2000:], err[-4000:])
         return dict(what, error=err.strip().splitlines()[-1:])
